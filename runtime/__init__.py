@@ -1,0 +1,1 @@
+"""diskspec: qcow, qcow2 and FVD."""
