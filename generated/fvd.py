@@ -27,6 +27,7 @@ from diskspec.structbase import (
     invalid,
     need,
     read_growing,
+    read_padded,
     unpack_words,
     words_to_bytes,
 )
@@ -175,9 +176,8 @@ class Fvd:
         _pos = self.header.ofs_bitmap
         f.seek(_pos)
         _n = self.header.len_bitmap
-        _data = f.read(_n)
-        need(_data, 0, _n, len(_data), _SPEC, "/instances/bitmap", "Fvd", "bitmap")
-        return _data
+        need(b"", 0, _n, _n, _SPEC, "/instances/bitmap", "Fvd", "bitmap")
+        return read_padded(f, _n)
 
     def read_table(self, f: BinaryIO) -> array[int] | None:
         """
@@ -192,8 +192,7 @@ class Fvd:
         _pos = self.header.ofs_table
         f.seek(_pos)
         _n = self.header.num_table_entries
-        _data = f.read(_n * 4)
-        need(_data, 0, _n * 4, len(_data), _SPEC, "/instances/table", "Fvd", "table")
+        _data = read_padded(f, _n * 4)
         return unpack_words(_data, 0, _n * 1, "I", False)
 
     def read_journal(self, f: BinaryIO) -> list[JournalSector] | None:
@@ -229,7 +228,7 @@ class Fvd:
                 o.journal.append(_item)
             return o.journal  # type: ignore[no-any-return]
 
-        return read_growing(f, _parse, _first)
+        return read_growing(f, _parse, _first, pad_eof=True)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -26,6 +26,7 @@ from diskspec.structbase import (
     invalid,
     need,
     read_growing,
+    read_padded,
     unpack_words,
     words_to_bytes,
 )
@@ -146,18 +147,8 @@ class Qcow:
         _pos = self.header.ofs_backing_file_name
         f.seek(_pos)
         _n = self.header.len_backing_file_name
-        _data = f.read(_n)
-        need(
-            _data,
-            0,
-            _n,
-            len(_data),
-            _SPEC,
-            "/instances/backing_file_name",
-            "Qcow",
-            "backing_file_name",
-        )
-        return _data
+        need(b"", 0, _n, _n, _SPEC, "/instances/backing_file_name", "Qcow", "backing_file_name")
+        return read_padded(f, _n)
 
     def read_l1_table(self, f: BinaryIO) -> list[L1Entry]:
         """
@@ -190,7 +181,7 @@ class Qcow:
                 o.l1_table.append(_item)
             return o.l1_table  # type: ignore[no-any-return]
 
-        return read_growing(f, _parse, _first)
+        return read_growing(f, _parse, _first, pad_eof=True)
 
 
 @dataclass(slots=True, kw_only=True)

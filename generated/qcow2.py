@@ -32,6 +32,7 @@ from diskspec.structbase import (
     invalid,
     need,
     read_growing,
+    read_padded,
     required,
     unpack_bits,
     unpack_words,
@@ -387,18 +388,8 @@ class Qcow2:
         _pos = self.header.ofs_backing_file_name
         f.seek(_pos)
         _n = self.header.len_backing_file_name
-        _data = f.read(_n)
-        need(
-            _data,
-            0,
-            _n,
-            len(_data),
-            _SPEC,
-            "/instances/backing_file_name",
-            "Qcow2",
-            "backing_file_name",
-        )
-        return _data
+        need(b"", 0, _n, _n, _SPEC, "/instances/backing_file_name", "Qcow2", "backing_file_name")
+        return read_padded(f, _n)
 
     def read_l1_table(self, f: BinaryIO) -> array[int]:
         """
@@ -411,8 +402,7 @@ class Qcow2:
         _pos = self.header.ofs_l1_table
         f.seek(_pos)
         _n = self.header.num_l1_entries
-        _data = f.read(_n * 8)
-        need(_data, 0, _n * 8, len(_data), _SPEC, "/instances/l1_table", "Qcow2", "l1_table")
+        _data = read_padded(f, _n * 8)
         return unpack_words(_data, 0, _n * 1, "Q", True)
 
     def read_refcount_table(self, f: BinaryIO) -> array[int]:
@@ -426,17 +416,7 @@ class Qcow2:
         _pos = self.header.ofs_refcount_table
         f.seek(_pos)
         _n = self.header.num_refcount_table_clusters * self.header.cluster_size // 8
-        _data = f.read(_n * 8)
-        need(
-            _data,
-            0,
-            _n * 8,
-            len(_data),
-            _SPEC,
-            "/instances/refcount_table",
-            "Qcow2",
-            "refcount_table",
-        )
+        _data = read_padded(f, _n * 8)
         return unpack_words(_data, 0, _n * 1, "Q", True)
 
     def read_snapshot_table(self, f: BinaryIO) -> list[SnapshotEntry]:
@@ -476,7 +456,7 @@ class Qcow2:
                 o.snapshot_table.append(_item)
             return o.snapshot_table  # type: ignore[no-any-return]
 
-        return read_growing(f, _parse, _first)
+        return read_growing(f, _parse, _first, pad_eof=True)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -697,6 +677,19 @@ class Header:
                 pos + 36,
                 "<= 0x400000",
                 o.num_l1_entries,
+            )
+        if o.num_refcount_table_clusters << o.cluster_bits > 0x800000:
+            raise invalid(
+                _SPEC,
+                "/types/header/seq/10",
+                "Header",
+                "num_refcount_table_clusters",
+                pos + 56,
+                (
+                    "num_refcount_table_clusters << "
+                    "clusternum_refcount_table_clustersbits <= 8388608"
+                ),
+                o.num_refcount_table_clusters,
             )
         if o.num_snapshots > 0x10000:
             raise invalid(
@@ -1011,6 +1004,19 @@ class Header:
                 None,
                 "<= 0x400000",
                 self.num_l1_entries,
+            )
+        if self.num_refcount_table_clusters << self.cluster_bits > 0x800000:
+            raise invalid(
+                _SPEC,
+                "/types/header/seq/10",
+                "Header",
+                "num_refcount_table_clusters",
+                None,
+                (
+                    "num_refcount_table_clusters << "
+                    "clusternum_refcount_table_clustersbits <= 8388608"
+                ),
+                self.num_refcount_table_clusters,
             )
         if self.num_snapshots > 0x10000:
             raise invalid(
@@ -1942,7 +1948,7 @@ class ExtBitmaps:
             pos = pos + _n
             return o.bitmap_directory  # type: ignore[no-any-return]
 
-        return read_growing(f, _parse, _first)
+        return read_growing(f, _parse, _first, pad_eof=True)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -2059,7 +2065,7 @@ class ExtFullDiskEncryption:
             o.encryption_header, pos = LuksHeader._parse(buf, pos, end, o, _root)
             return o.encryption_header  # type: ignore[no-any-return]
 
-        return read_growing(f, _parse, _first)
+        return read_growing(f, _parse, _first, pad_eof=True)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -3683,17 +3689,7 @@ class SnapshotEntry:
         _pos = self.ofs_l1_table
         f.seek(_pos)
         _n = self.num_l1_entries
-        _data = f.read(_n * 8)
-        need(
-            _data,
-            0,
-            _n * 8,
-            len(_data),
-            _SPEC,
-            "/types/snapshot_entry/instances/l1_table",
-            "SnapshotEntry",
-            "l1_table",
-        )
+        _data = read_padded(f, _n * 8)
         return unpack_words(_data, 0, _n * 1, "Q", True)
 
 
@@ -4270,17 +4266,7 @@ class BitmapDirectoryEntry:
         _pos = self.ofs_bitmap_table
         f.seek(_pos)
         _n = self.num_bitmap_table_entries
-        _data = f.read(_n * 8)
-        need(
-            _data,
-            0,
-            _n * 8,
-            len(_data),
-            _SPEC,
-            "/types/bitmap_directory_entry/instances/bitmap_table",
-            "BitmapDirectoryEntry",
-            "bitmap_table",
-        )
+        _data = read_padded(f, _n * 8)
         return unpack_words(_data, 0, _n * 1, "Q", True)
 
 

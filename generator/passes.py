@@ -998,17 +998,15 @@ class _Lower:
             assert f.repeat_expr is not None
             body += [
                 f"_n = {expr(f.repeat_expr, scope)}",
-                f"_data = f.read(_n * {size})",
-                f"need(_data, 0, _n * {size}, len(_data), {ea[:6]}{ea[6:]})",
+                f"_data = read_padded(f, _n * {size})",
                 f"return unpack_words(_data, 0, _n * {per}, {typecode!r}, {be})",
             ]
         elif f.type.kind == "bytes" and not f.repeat:
             assert f.size is not None
             body += [
                 f"_n = {expr(f.size, scope)}",
-                "_data = f.read(_n)",
-                f"need(_data, 0, _n, len(_data), {ea})",
-                "return _data",
+                f"need(b'', 0, _n, _n, {ea})",
+                "return read_padded(f, _n)",
             ]
         else:
             # parse a synthetic one-field holder at the position, growing the read as needed
@@ -1037,7 +1035,7 @@ class _Lower:
             body += [
                 f"def _parse(buf: bytes) -> {ann.replace(' | None', '')}:",
                 *_indent(inner),
-                "return read_growing(f, _parse, _first)",
+                "return read_growing(f, _parse, _first, pad_eof=True)",
             ]
         ann_ret = ann
         return MethodCode(

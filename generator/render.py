@@ -24,6 +24,7 @@ _HELPERS = (
     "invalid",
     "need",
     "read_growing",
+    "read_padded",
     "required",
     "unpack_bits",
     "unpack_words",

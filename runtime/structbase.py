@@ -24,6 +24,7 @@ __all__ = [
     "invalid",
     "need",
     "read_growing",
+    "read_padded",
     "required",
     "unpack_bits",
     "unpack_words",
@@ -145,11 +146,23 @@ def bits_to_bytes(values: array[int], width: int, lsb_first: bool) -> bytes:
     return bytes(out)
 
 
+def read_padded(f: BinaryIO, n: int) -> bytes:
+    """Read ``n`` bytes; an image file reads as zeros past its end."""
+    data = f.read(n)
+    return data + bytes(n - len(data)) if len(data) < n else data
+
+
 def read_growing(
-    f: BinaryIO, parse: Callable[[bytes], _T], first: int, limit: int = 1 << 28
+    f: BinaryIO,
+    parse: Callable[[bytes], _T],
+    first: int,
+    limit: int = 1 << 28,
+    pad_eof: bool = False,
 ) -> _T:
-    """Parse from a file, reading more whenever the parser says the data was truncated."""
-    start = f.tell()
+    """Parse from a file, reading more whenever the parser says the data was truncated.
+
+    With ``pad_eof`` the file reads as zeros past its end (image semantics), up to ``limit``.
+    """
     buf = f.read(first)
     while True:
         try:
@@ -158,7 +171,6 @@ def read_growing(
             if exc.needed > limit or exc.needed <= len(buf):
                 raise
             more = f.read(exc.needed - len(buf))
-            if not more:
-                f.seek(start + len(buf))
+            if not more and not pad_eof:
                 raise
-            buf += more
+            buf += more + bytes(exc.needed - len(buf) - len(more))

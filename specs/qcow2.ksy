@@ -118,6 +118,8 @@ types:
       - id: num_refcount_table_clusters
         -orig-id: refcount_table_clusters
         type: u4
+        valid:
+          expr: _ << cluster_bits <= 8388608
         doc: Clusters occupied by the refcount table; qemu caps the table at 8 MiB.
       - id: num_snapshots
         -orig-id: nb_snapshots

@@ -182,7 +182,9 @@ class StructDrawer:
         if ref.kind == "int":
             return self.draw_int(draw, t, f, ctx)
         if ref.kind == "bits":
-            return draw(st.booleans()) if ref.width == 1 else draw(st.integers(0, (1 << ref.width) - 1))
+            if ref.width == 1:
+                return draw(st.booleans())
+            return draw(st.integers(0, (1 << ref.width) - 1))
         size = self.size_of(t, f, ctx)
         if ref.kind == "bytes":
             if size is None:

@@ -66,6 +66,7 @@ def test_round_trip(spec_id: str, type_id: str, data: st.DataObject) -> None:
     assert again == obj
     assert again.build() == raw
     parsed, end = cls.parse_prefix(raw, **params)
+    assert parsed == obj
     assert end == len(raw)
 
 
