@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
 from diskspec.tests.ksc_support import KSC_VERSION, KscError, compile_ksy, load_compiled
 
 SAMPLE_KSY = """\
