@@ -23,7 +23,6 @@ from diskspec.structbase import (
     Buffer,
     Ns,
     build_error,
-    enum_or_int,
     invalid,
     need,
     read_growing,
@@ -94,6 +93,9 @@ class JournalRecordType(IntEnum):
     """
 
 
+_BY_VALUE_JournalRecordType: dict[int, JournalRecordType] = {int(m): m for m in JournalRecordType}
+
+
 @dataclass(slots=True, kw_only=True)
 class Fvd:
     """
@@ -139,10 +141,8 @@ class Fvd:
 
     @classmethod
     def _parse(cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any) -> tuple[Fvd, int]:
-        o: Any = Ns()
-        _root = o
-        o.header, pos = Header._parse(buf, pos, end, o, _root)
-        return cls(header=o.header), pos
+        v_header, pos = Header._parse(buf, pos, end, None, _root)
+        return cls(header=v_header), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -223,7 +223,7 @@ class Fvd:
             for _ in range(_count):
                 _n = 0x200
                 need(buf, pos, _n, end, _SPEC, "/instances/journal", "Fvd", "journal")
-                _item, _ = JournalSector._parse(buf, pos, pos + _n, o, _root)
+                _item, _ = JournalSector._parse(buf, pos, pos + _n, None, _root)
                 pos += _n
                 o.journal.append(_item)
             return o.journal  # type: ignore[no-any-return]
@@ -242,6 +242,7 @@ class Header:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/header"
+    MAGIC_CONTENTS: ClassVar[bytes] = b"\xa9\xf5CQ"
     SIZE: ClassVar[int] = 4336
 
     magic: bytes = b"\xa9\xf5CQ"
@@ -460,24 +461,25 @@ class Header:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[Header, int]:
-        o: Any = Ns()
-        need(buf, pos, 4, end, _SPEC, "/types/header/seq/0", "Header", "magic")
-        (o.magic,) = _S0.unpack_from(buf, pos)
-        if o.magic != b"\xa9\xf5CQ":
+        if pos + 4 > end:
+            need(buf, pos, 4, end, _SPEC, "/types/header/seq/0", "Header", "magic")
+        (v_magic,) = _S0.unpack_from(buf, pos)
+        if v_magic != b"\xa9\xf5CQ":
             raise invalid(
-                _SPEC, "/types/header/seq/0", "Header", "magic", pos, "b'\\xa9\\xf5CQ'", o.magic
+                _SPEC, "/types/header/seq/0", "Header", "magic", pos, "b'\\xa9\\xf5CQ'", v_magic
             )
         pos += 4
-        need(buf, pos, 24, end, _SPEC, "/types/header/seq/1", "Header", "version")
+        if pos + 24 > end:
+            need(buf, pos, 24, end, _SPEC, "/types/header/seq/1", "Header", "version")
         (
-            o.version,
-            o.all_data_in_fvd_img,
-            o.len_virtual_disk,
-            o.len_metadata,
+            v_version,
+            v_all_data_in_fvd_img,
+            v_len_virtual_disk,
+            v_len_metadata,
         ) = _S1.unpack_from(buf, pos)
-        if o.version != 1:
-            raise invalid(_SPEC, "/types/header/seq/1", "Header", "version", pos, "1", o.version)
-        if not (o.len_virtual_disk >= 0 and o.len_virtual_disk % 0x200 == 0):
+        if v_version != 1:
+            raise invalid(_SPEC, "/types/header/seq/1", "Header", "version", pos, "1", v_version)
+        if not (v_len_virtual_disk >= 0 and v_len_virtual_disk % 0x200 == 0):
             raise invalid(
                 _SPEC,
                 "/types/header/seq/3",
@@ -485,9 +487,9 @@ class Header:
                 "len_virtual_disk",
                 pos + 8,
                 "len_virtual_disk >= 0 and len_virtual_disk % 512 == 0",
-                o.len_virtual_disk,
+                v_len_virtual_disk,
             )
-        if o.len_metadata < 0:
+        if v_len_metadata < 0:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/4",
@@ -495,37 +497,39 @@ class Header:
                 "len_metadata",
                 pos + 16,
                 ">= 0",
-                o.len_metadata,
+                v_len_metadata,
             )
         pos += 24
-        need(buf, pos, 1040, end, _SPEC, "/types/header/seq/5", "Header", "base_img")
+        if pos + 1040 > end:
+            need(buf, pos, 1040, end, _SPEC, "/types/header/seq/5", "Header", "base_img")
         (
-            o.base_img,
-            o.base_img_fmt,
+            v_base_img,
+            v_base_img_fmt,
         ) = _S2.unpack_from(buf, pos)
         pos += 1040
-        need(buf, pos, 40, end, _SPEC, "/types/header/seq/7", "Header", "len_base_img")
+        if pos + 40 > end:
+            need(buf, pos, 40, end, _SPEC, "/types/header/seq/7", "Header", "len_base_img")
         (
-            o.len_base_img,
-            o.ofs_bitmap,
-            o.len_bitmap,
-            o.block_size,
-            o.copy_on_read,
-            o.max_outstanding_copy_on_read_data,
+            v_len_base_img,
+            v_ofs_bitmap,
+            v_len_bitmap,
+            v_block_size,
+            v_copy_on_read,
+            v_max_outstanding_copy_on_read_data,
         ) = _S3.unpack_from(buf, pos)
-        if o.len_base_img < 0:
+        if v_len_base_img < 0:
             raise invalid(
-                _SPEC, "/types/header/seq/7", "Header", "len_base_img", pos, ">= 0", o.len_base_img
+                _SPEC, "/types/header/seq/7", "Header", "len_base_img", pos, ">= 0", v_len_base_img
             )
-        if o.ofs_bitmap < 0:
+        if v_ofs_bitmap < 0:
             raise invalid(
-                _SPEC, "/types/header/seq/8", "Header", "ofs_bitmap", pos + 8, ">= 0", o.ofs_bitmap
+                _SPEC, "/types/header/seq/8", "Header", "ofs_bitmap", pos + 8, ">= 0", v_ofs_bitmap
             )
-        if o.len_bitmap < 0:
+        if v_len_bitmap < 0:
             raise invalid(
-                _SPEC, "/types/header/seq/9", "Header", "len_bitmap", pos + 16, ">= 0", o.len_bitmap
+                _SPEC, "/types/header/seq/9", "Header", "len_bitmap", pos + 16, ">= 0", v_len_bitmap
             )
-        if not (o.block_size >= 0 and o.block_size % 0x200 == 0):
+        if not (v_block_size >= 0 and v_block_size % 0x200 == 0):
             raise invalid(
                 _SPEC,
                 "/types/header/seq/10",
@@ -533,40 +537,42 @@ class Header:
                 "block_size",
                 pos + 24,
                 "block_size >= 0 and block_size % 512 == 0",
-                o.block_size,
+                v_block_size,
             )
         pos += 40
-        need(buf, pos, 1040, end, _SPEC, "/types/header/seq/13", "Header", "data_file")
+        if pos + 1040 > end:
+            need(buf, pos, 1040, end, _SPEC, "/types/header/seq/13", "Header", "data_file")
         (
-            o.data_file,
-            o.data_file_fmt,
+            v_data_file,
+            v_data_file_fmt,
         ) = _S4.unpack_from(buf, pos)
         pos += 1040
-        need(buf, pos, 88, end, _SPEC, "/types/header/seq/15", "Header", "prefetch_start_delay")
+        if pos + 88 > end:
+            need(buf, pos, 88, end, _SPEC, "/types/header/seq/15", "Header", "prefetch_start_delay")
         (
-            o.prefetch_start_delay,
-            o.ofs_prefetch_profile,
-            o.num_prefetch_profile_entries,
-            o.num_prefetch_slots,
-            o.bytes_per_prefetch,
-            o.prefetch_read_throughput_measure_time,
-            o.prefetch_write_throughput_measure_time,
-            o.prefetch_perf_calc_alpha,
-            o.prefetch_min_read_throughput,
-            o.prefetch_min_write_throughput,
-            o.prefetch_max_read_throughput,
-            o.prefetch_max_write_throughput,
-            o.prefetch_throttle_time,
-            o.compact_image,
-            o.ofs_table,
-            o.chunk_size,
-            o.storage_grow_unit,
+            v_prefetch_start_delay,
+            v_ofs_prefetch_profile,
+            v_num_prefetch_profile_entries,
+            v_num_prefetch_slots,
+            v_bytes_per_prefetch,
+            v_prefetch_read_throughput_measure_time,
+            v_prefetch_write_throughput_measure_time,
+            v_prefetch_perf_calc_alpha,
+            v_prefetch_min_read_throughput,
+            v_prefetch_min_write_throughput,
+            v_prefetch_max_read_throughput,
+            v_prefetch_max_write_throughput,
+            v_prefetch_throttle_time,
+            v_compact_image,
+            v_ofs_table,
+            v_chunk_size,
+            v_storage_grow_unit,
         ) = _S5.unpack_from(buf, pos)
-        if o.ofs_table < 0:
+        if v_ofs_table < 0:
             raise invalid(
-                _SPEC, "/types/header/seq/29", "Header", "ofs_table", pos + 64, ">= 0", o.ofs_table
+                _SPEC, "/types/header/seq/29", "Header", "ofs_table", pos + 64, ">= 0", v_ofs_table
             )
-        if o.chunk_size < 0:
+        if v_chunk_size < 0:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/30",
@@ -574,27 +580,29 @@ class Header:
                 "chunk_size",
                 pos + 72,
                 ">= 0",
-                o.chunk_size,
+                v_chunk_size,
             )
         pos += 88
-        need(buf, pos, 2048, end, _SPEC, "/types/header/seq/32", "Header", "add_storage_cmd")
-        (o.add_storage_cmd,) = _S6.unpack_from(buf, pos)
+        if pos + 2048 > end:
+            need(buf, pos, 2048, end, _SPEC, "/types/header/seq/32", "Header", "add_storage_cmd")
+        (v_add_storage_cmd,) = _S6.unpack_from(buf, pos)
         pos += 2048
-        need(buf, pos, 36, end, _SPEC, "/types/header/seq/33", "Header", "ofs_journal")
+        if pos + 36 > end:
+            need(buf, pos, 36, end, _SPEC, "/types/header/seq/33", "Header", "ofs_journal")
         (
-            o.ofs_journal,
-            o.len_journal,
-            o.clean_shutdown,
-            o.need_zero_init,
-            o.generate_prefetch_profile,
-            o.unit_of_prefetch_profile_entry_len,
-            o.profile_directed_prefetch_start_delay,
+            v_ofs_journal,
+            v_len_journal,
+            v_clean_shutdown,
+            v_need_zero_init,
+            v_generate_prefetch_profile,
+            v_unit_of_prefetch_profile_entry_len,
+            v_profile_directed_prefetch_start_delay,
         ) = _S7.unpack_from(buf, pos)
-        if o.ofs_journal < 0:
+        if v_ofs_journal < 0:
             raise invalid(
-                _SPEC, "/types/header/seq/33", "Header", "ofs_journal", pos, ">= 0", o.ofs_journal
+                _SPEC, "/types/header/seq/33", "Header", "ofs_journal", pos, ">= 0", v_ofs_journal
             )
-        if not (o.len_journal >= 0 and o.len_journal % 0x200 == 0):
+        if not (v_len_journal >= 0 and v_len_journal % 0x200 == 0):
             raise invalid(
                 _SPEC,
                 "/types/header/seq/34",
@@ -602,54 +610,57 @@ class Header:
                 "len_journal",
                 pos + 8,
                 "len_journal >= 0 and len_journal % 512 == 0",
-                o.len_journal,
+                v_len_journal,
             )
         pos += 36
-        need(buf, pos, 16, end, _SPEC, "/types/header/seq/40", "Header", "write_updates_base_img")
-        (o.write_updates_base_img,) = _S8.unpack_from(buf, pos)
+        if pos + 16 > end:
+            need(
+                buf, pos, 16, end, _SPEC, "/types/header/seq/40", "Header", "write_updates_base_img"
+            )
+        (v_write_updates_base_img,) = _S8.unpack_from(buf, pos)
         pos += 16
         return cls(
-            magic=o.magic,
-            version=o.version,
-            all_data_in_fvd_img=o.all_data_in_fvd_img,
-            len_virtual_disk=o.len_virtual_disk,
-            len_metadata=o.len_metadata,
-            base_img=o.base_img,
-            base_img_fmt=o.base_img_fmt,
-            len_base_img=o.len_base_img,
-            ofs_bitmap=o.ofs_bitmap,
-            len_bitmap=o.len_bitmap,
-            block_size=o.block_size,
-            copy_on_read=o.copy_on_read,
-            max_outstanding_copy_on_read_data=o.max_outstanding_copy_on_read_data,
-            data_file=o.data_file,
-            data_file_fmt=o.data_file_fmt,
-            prefetch_start_delay=o.prefetch_start_delay,
-            ofs_prefetch_profile=o.ofs_prefetch_profile,
-            num_prefetch_profile_entries=o.num_prefetch_profile_entries,
-            num_prefetch_slots=o.num_prefetch_slots,
-            bytes_per_prefetch=o.bytes_per_prefetch,
-            prefetch_read_throughput_measure_time=o.prefetch_read_throughput_measure_time,
-            prefetch_write_throughput_measure_time=o.prefetch_write_throughput_measure_time,
-            prefetch_perf_calc_alpha=o.prefetch_perf_calc_alpha,
-            prefetch_min_read_throughput=o.prefetch_min_read_throughput,
-            prefetch_min_write_throughput=o.prefetch_min_write_throughput,
-            prefetch_max_read_throughput=o.prefetch_max_read_throughput,
-            prefetch_max_write_throughput=o.prefetch_max_write_throughput,
-            prefetch_throttle_time=o.prefetch_throttle_time,
-            compact_image=o.compact_image,
-            ofs_table=o.ofs_table,
-            chunk_size=o.chunk_size,
-            storage_grow_unit=o.storage_grow_unit,
-            add_storage_cmd=o.add_storage_cmd,
-            ofs_journal=o.ofs_journal,
-            len_journal=o.len_journal,
-            clean_shutdown=o.clean_shutdown,
-            need_zero_init=o.need_zero_init,
-            generate_prefetch_profile=o.generate_prefetch_profile,
-            unit_of_prefetch_profile_entry_len=o.unit_of_prefetch_profile_entry_len,
-            profile_directed_prefetch_start_delay=o.profile_directed_prefetch_start_delay,
-            write_updates_base_img=o.write_updates_base_img,
+            magic=v_magic,
+            version=v_version,
+            all_data_in_fvd_img=v_all_data_in_fvd_img,
+            len_virtual_disk=v_len_virtual_disk,
+            len_metadata=v_len_metadata,
+            base_img=v_base_img,
+            base_img_fmt=v_base_img_fmt,
+            len_base_img=v_len_base_img,
+            ofs_bitmap=v_ofs_bitmap,
+            len_bitmap=v_len_bitmap,
+            block_size=v_block_size,
+            copy_on_read=v_copy_on_read,
+            max_outstanding_copy_on_read_data=v_max_outstanding_copy_on_read_data,
+            data_file=v_data_file,
+            data_file_fmt=v_data_file_fmt,
+            prefetch_start_delay=v_prefetch_start_delay,
+            ofs_prefetch_profile=v_ofs_prefetch_profile,
+            num_prefetch_profile_entries=v_num_prefetch_profile_entries,
+            num_prefetch_slots=v_num_prefetch_slots,
+            bytes_per_prefetch=v_bytes_per_prefetch,
+            prefetch_read_throughput_measure_time=v_prefetch_read_throughput_measure_time,
+            prefetch_write_throughput_measure_time=v_prefetch_write_throughput_measure_time,
+            prefetch_perf_calc_alpha=v_prefetch_perf_calc_alpha,
+            prefetch_min_read_throughput=v_prefetch_min_read_throughput,
+            prefetch_min_write_throughput=v_prefetch_min_write_throughput,
+            prefetch_max_read_throughput=v_prefetch_max_read_throughput,
+            prefetch_max_write_throughput=v_prefetch_max_write_throughput,
+            prefetch_throttle_time=v_prefetch_throttle_time,
+            compact_image=v_compact_image,
+            ofs_table=v_ofs_table,
+            chunk_size=v_chunk_size,
+            storage_grow_unit=v_storage_grow_unit,
+            add_storage_cmd=v_add_storage_cmd,
+            ofs_journal=v_ofs_journal,
+            len_journal=v_len_journal,
+            clean_shutdown=v_clean_shutdown,
+            need_zero_init=v_need_zero_init,
+            generate_prefetch_profile=v_generate_prefetch_profile,
+            unit_of_prefetch_profile_entry_len=v_unit_of_prefetch_profile_entry_len,
+            profile_directed_prefetch_start_delay=v_profile_directed_prefetch_start_delay,
+            write_updates_base_img=v_write_updates_base_img,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -1027,12 +1038,11 @@ class JournalSector:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[JournalSector, int]:
-        o: Any = Ns()
-        o.records = []
+        v_records = []
         while True:
             _at = pos
-            _item, pos = JournalRecord._parse(buf, pos, end, o, _root)
-            o.records.append(_item)
+            _item, pos = JournalRecord._parse(buf, pos, end, None, _root)
+            v_records.append(_item)
             if (
                 _item.record_type != JournalRecordType.BITMAP
                 and _item.record_type != JournalRecordType.TABLE
@@ -1048,9 +1058,9 @@ class JournalSector:
                     "progress",
                     "an empty item",
                 )
-        o.rest = bytes(buf[pos:end])
+        v_rest = bytes(buf[pos:end])
         pos = end
-        return cls(records=o.records, rest=o.rest), pos
+        return cls(records=v_records, rest=v_rest), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1123,19 +1133,29 @@ class JournalRecord:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[JournalRecord, int]:
-        o: Any = Ns()
-        need(buf, pos, 4, end, _SPEC, "/types/journal_record/seq/0", "JournalRecord", "record_type")
-        (o.record_type,) = _S19.unpack_from(buf, pos)
-        o.record_type = enum_or_int(JournalRecordType, o.record_type)
+        v_body: Any = None
+        if pos + 4 > end:
+            need(
+                buf,
+                pos,
+                4,
+                end,
+                _SPEC,
+                "/types/journal_record/seq/0",
+                "JournalRecord",
+                "record_type",
+            )
+        (v_record_type,) = _S19.unpack_from(buf, pos)
+        v_record_type = _BY_VALUE_JournalRecordType.get(v_record_type, v_record_type)
         pos += 4
-        _sw = o.record_type
+        _sw = v_record_type
         if _sw == JournalRecordType.BITMAP:
-            o.body, pos = BitmapRecord._parse(buf, pos, end, o, _root)
+            v_body, pos = BitmapRecord._parse(buf, pos, end, None, _root)
         elif _sw == JournalRecordType.TABLE:
-            o.body, pos = TableRecord._parse(buf, pos, end, o, _root)
+            v_body, pos = TableRecord._parse(buf, pos, end, None, _root)
         else:
-            o.body = None
-        return cls(record_type=o.record_type, body=o.body), pos
+            v_body = None
+        return cls(record_type=v_record_type, body=v_body), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1211,14 +1231,23 @@ class BitmapRecord:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[BitmapRecord, int]:
-        o: Any = Ns()
-        need(buf, pos, 12, end, _SPEC, "/types/bitmap_record/seq/0", "BitmapRecord", "num_sectors")
+        if pos + 12 > end:
+            need(
+                buf,
+                pos,
+                12,
+                end,
+                _SPEC,
+                "/types/bitmap_record/seq/0",
+                "BitmapRecord",
+                "num_sectors",
+            )
         (
-            o.num_sectors,
-            o.first_sector,
+            v_num_sectors,
+            v_first_sector,
         ) = _S21.unpack_from(buf, pos)
         pos += 12
-        return cls(num_sectors=o.num_sectors, first_sector=o.first_sector), pos
+        return cls(num_sectors=v_num_sectors, first_sector=v_first_sector), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1291,18 +1320,18 @@ class TableRecord:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[TableRecord, int]:
-        o: Any = Ns()
-        need(buf, pos, 8, end, _SPEC, "/types/table_record/seq/0", "TableRecord", "first_chunk")
+        if pos + 8 > end:
+            need(buf, pos, 8, end, _SPEC, "/types/table_record/seq/0", "TableRecord", "first_chunk")
         (
-            o.first_chunk,
-            o.num_entries,
+            v_first_chunk,
+            v_num_entries,
         ) = _S23.unpack_from(buf, pos)
         pos += 8
-        _n = o.num_entries
+        _n = v_num_entries
         need(buf, pos, _n * 4, end, _SPEC, "/types/table_record/seq/2", "TableRecord", "entries")
-        o.entries = unpack_words(buf, pos, _n * 1, "I", False)
+        v_entries = unpack_words(buf, pos, _n * 1, "I", False)
         pos += _n * 4
-        return cls(first_chunk=o.first_chunk, num_entries=o.num_entries, entries=o.entries), pos
+        return cls(first_chunk=v_first_chunk, num_entries=v_num_entries, entries=v_entries), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""

@@ -22,7 +22,6 @@ from diskspec.structbase import (
     Buffer,
     Ns,
     build_error,
-    enum_or_int,
     invalid,
     need,
     read_growing,
@@ -65,6 +64,9 @@ class CryptMethod(IntEnum):
     """
     AES-128-CBC per 512-byte sector, IV = little-endian guest sector number. (QEMU: QCOW_CRYPT_AES)
     """
+
+
+_BY_VALUE_CryptMethod: dict[int, CryptMethod] = {int(m): m for m in CryptMethod}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -111,10 +113,8 @@ class Qcow:
 
     @classmethod
     def _parse(cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any) -> tuple[Qcow, int]:
-        o: Any = Ns()
-        _root = o
-        o.header, pos = Header._parse(buf, pos, end, o, _root)
-        return cls(header=o.header), pos
+        v_header, pos = Header._parse(buf, pos, end, None, _root)
+        return cls(header=v_header), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -171,13 +171,10 @@ class Qcow:
             _root = self if self is not None else o
             _parent = self
             o.l1_table = []
-            _count = (
-                o.header.len_virtual_disk + (1 << o.header.cluster_bits + o.header.l2_bits) - 1
-                >> o.header.cluster_bits + o.header.l2_bits
-            )
+            _count = o.header.num_l1_entries
             need(buf, pos, _count * 8, end, _SPEC, "/instances/l1_table", "Qcow", "l1_table")
             for _ in range(_count):
-                _item, pos = L1Entry._parse(buf, pos, end, o, _root)
+                _item, pos = L1Entry._parse(buf, pos, end, None, _root)
                 o.l1_table.append(_item)
             return o.l1_table  # type: ignore[no-any-return]
 
@@ -193,6 +190,7 @@ class Header:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/header"
+    MAGIC_CONTENTS: ClassVar[bytes] = b"QFI\xfb"
     SIZE: ClassVar[int] = 48
 
     magic: bytes = b"QFI\xfb"
@@ -277,30 +275,30 @@ class Header:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[Header, int]:
-        o: Any = Ns()
-        need(buf, pos, 48, end, _SPEC, "/types/header/seq/0", "Header", "magic")
+        if pos + 48 > end:
+            need(buf, pos, 48, end, _SPEC, "/types/header/seq/0", "Header", "magic")
         (
-            o.magic,
-            o.version,
-            o.ofs_backing_file_name,
-            o.len_backing_file_name,
-            o.mtime,
-            o.len_virtual_disk,
-            o.cluster_bits,
-            o.l2_bits,
-            o.padding,
-            o.crypt_method,
-            o.ofs_l1_table,
+            v_magic,
+            v_version,
+            v_ofs_backing_file_name,
+            v_len_backing_file_name,
+            v_mtime,
+            v_len_virtual_disk,
+            v_cluster_bits,
+            v_l2_bits,
+            v_padding,
+            v_crypt_method,
+            v_ofs_l1_table,
         ) = _S0.unpack_from(buf, pos)
-        if o.magic != b"QFI\xfb":
+        if v_magic != b"QFI\xfb":
             raise invalid(
-                _SPEC, "/types/header/seq/0", "Header", "magic", pos, "b'QFI\\xfb'", o.magic
+                _SPEC, "/types/header/seq/0", "Header", "magic", pos, "b'QFI\\xfb'", v_magic
             )
-        if o.version != 1:
+        if v_version != 1:
             raise invalid(
-                _SPEC, "/types/header/seq/1", "Header", "version", pos + 4, "1", o.version
+                _SPEC, "/types/header/seq/1", "Header", "version", pos + 4, "1", v_version
             )
-        if o.len_backing_file_name > 0x3FF:
+        if v_len_backing_file_name > 0x3FF:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/3",
@@ -308,9 +306,9 @@ class Header:
                 "len_backing_file_name",
                 pos + 16,
                 "<= 0x3ff",
-                o.len_backing_file_name,
+                v_len_backing_file_name,
             )
-        if o.len_virtual_disk < 2:
+        if v_len_virtual_disk < 2:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/5",
@@ -318,9 +316,9 @@ class Header:
                 "len_virtual_disk",
                 pos + 24,
                 ">= 2",
-                o.len_virtual_disk,
+                v_len_virtual_disk,
             )
-        if o.cluster_bits < 9:
+        if v_cluster_bits < 9:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/6",
@@ -328,9 +326,9 @@ class Header:
                 "cluster_bits",
                 pos + 32,
                 ">= 9",
-                o.cluster_bits,
+                v_cluster_bits,
             )
-        if o.cluster_bits > 16:
+        if v_cluster_bits > 16:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/6",
@@ -338,30 +336,30 @@ class Header:
                 "cluster_bits",
                 pos + 32,
                 "<= 16",
-                o.cluster_bits,
+                v_cluster_bits,
             )
-        if o.l2_bits < 6:
+        if v_l2_bits < 6:
             raise invalid(
-                _SPEC, "/types/header/seq/7", "Header", "l2_bits", pos + 33, ">= 6", o.l2_bits
+                _SPEC, "/types/header/seq/7", "Header", "l2_bits", pos + 33, ">= 6", v_l2_bits
             )
-        if o.l2_bits > 13:
+        if v_l2_bits > 13:
             raise invalid(
-                _SPEC, "/types/header/seq/7", "Header", "l2_bits", pos + 33, "<= 13", o.l2_bits
+                _SPEC, "/types/header/seq/7", "Header", "l2_bits", pos + 33, "<= 13", v_l2_bits
             )
-        o.crypt_method = enum_or_int(CryptMethod, o.crypt_method)
+        v_crypt_method = _BY_VALUE_CryptMethod.get(v_crypt_method, v_crypt_method)
         pos += 48
         return cls(
-            magic=o.magic,
-            version=o.version,
-            ofs_backing_file_name=o.ofs_backing_file_name,
-            len_backing_file_name=o.len_backing_file_name,
-            mtime=o.mtime,
-            len_virtual_disk=o.len_virtual_disk,
-            cluster_bits=o.cluster_bits,
-            l2_bits=o.l2_bits,
-            padding=o.padding,
-            crypt_method=o.crypt_method,
-            ofs_l1_table=o.ofs_l1_table,
+            magic=v_magic,
+            version=v_version,
+            ofs_backing_file_name=v_ofs_backing_file_name,
+            len_backing_file_name=v_len_backing_file_name,
+            mtime=v_mtime,
+            len_virtual_disk=v_len_virtual_disk,
+            cluster_bits=v_cluster_bits,
+            l2_bits=v_l2_bits,
+            padding=v_padding,
+            crypt_method=v_crypt_method,
+            ofs_l1_table=v_ofs_l1_table,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -553,11 +551,11 @@ class L1Entry:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[L1Entry, int]:
-        o: Any = Ns()
-        need(buf, pos, 8, end, _SPEC, "/types/l1_entry/seq/0", "L1Entry", "ofs_l2_table")
-        (o.ofs_l2_table,) = _S2.unpack_from(buf, pos)
+        if pos + 8 > end:
+            need(buf, pos, 8, end, _SPEC, "/types/l1_entry/seq/0", "L1Entry", "ofs_l2_table")
+        (v_ofs_l2_table,) = _S2.unpack_from(buf, pos)
         pos += 8
-        return cls(ofs_l2_table=o.ofs_l2_table), pos
+        return cls(ofs_l2_table=v_ofs_l2_table), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -723,13 +721,12 @@ class L2Table:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any, l2_bits: int
     ) -> tuple[L2Table, int]:
-        o: Any = Ns()
-        o.l2_bits = l2_bits
-        _n = 1 << o.l2_bits
+        v_l2_bits = l2_bits
+        _n = 1 << v_l2_bits
         need(buf, pos, _n * 8, end, _SPEC, "/types/l2_table/seq/0", "L2Table", "entries")
-        o.entries = unpack_words(buf, pos, _n * 1, "Q", True)
+        v_entries = unpack_words(buf, pos, _n * 1, "Q", True)
         pos += _n * 8
-        return cls(l2_bits=o.l2_bits, entries=o.entries), pos
+        return cls(l2_bits=v_l2_bits, entries=v_entries), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -810,21 +807,21 @@ class CompressedDescriptor:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any, cluster_bits: int
     ) -> tuple[CompressedDescriptor, int]:
-        o: Any = Ns()
-        o.cluster_bits = cluster_bits
-        need(
-            buf,
-            pos,
-            8,
-            end,
-            _SPEC,
-            "/types/compressed_descriptor/seq/0",
-            "CompressedDescriptor",
-            "raw",
-        )
-        (o.raw,) = _S5.unpack_from(buf, pos)
+        v_cluster_bits = cluster_bits
+        if pos + 8 > end:
+            need(
+                buf,
+                pos,
+                8,
+                end,
+                _SPEC,
+                "/types/compressed_descriptor/seq/0",
+                "CompressedDescriptor",
+                "raw",
+            )
+        (v_raw,) = _S5.unpack_from(buf, pos)
         pos += 8
-        return cls(cluster_bits=o.cluster_bits, raw=o.raw), pos
+        return cls(cluster_bits=v_cluster_bits, raw=v_raw), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""

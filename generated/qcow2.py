@@ -28,7 +28,7 @@ from diskspec.structbase import (
     Ns,
     bits_to_bytes,
     build_error,
-    enum_or_int,
+    flag_of,
     invalid,
     need,
     read_growing,
@@ -135,6 +135,9 @@ class CryptMethod(IntEnum):
     """
 
 
+_BY_VALUE_CryptMethod: dict[int, CryptMethod] = {int(m): m for m in CryptMethod}
+
+
 class CompressionType(IntEnum):
     """
     compression_type (qcow2.ksy /enums/compression_type)
@@ -145,6 +148,9 @@ class CompressionType(IntEnum):
     Raw deflate with a 12-bit window.
     """
     ZSTD = 0x1
+
+
+_BY_VALUE_CompressionType: dict[int, CompressionType] = {int(m): m for m in CompressionType}
 
 
 class IncompatibleFeature(IntFlag):
@@ -174,6 +180,9 @@ class IncompatibleFeature(IntFlag):
     """
 
 
+_FLAGS_IncompatibleFeature: dict[int, IncompatibleFeature] = {}
+
+
 class CompatibleFeature(IntFlag):
     """
     compatible_feature (qcow2.ksy /enums/compatible_feature)
@@ -183,6 +192,9 @@ class CompatibleFeature(IntFlag):
     """
     Refcount updates may be deferred, with the dirty bit set. (QEMU: QCOW2_COMPAT_LAZY_REFCOUNTS)
     """
+
+
+_FLAGS_CompatibleFeature: dict[int, CompatibleFeature] = {}
 
 
 class AutoclearFeature(IntFlag):
@@ -198,6 +210,9 @@ class AutoclearFeature(IntFlag):
     """
     The external data file is a valid raw image by itself. (QEMU: QCOW2_AUTOCLEAR_DATA_FILE_RAW)
     """
+
+
+_FLAGS_AutoclearFeature: dict[int, AutoclearFeature] = {}
 
 
 class HeaderExtensionType(IntEnum):
@@ -228,6 +243,11 @@ class HeaderExtensionType(IntEnum):
     """
 
 
+_BY_VALUE_HeaderExtensionType: dict[int, HeaderExtensionType] = {
+    int(m): m for m in HeaderExtensionType
+}
+
+
 class FeatureType(IntEnum):
     """
     feature_type (qcow2.ksy /enums/feature_type)
@@ -236,6 +256,9 @@ class FeatureType(IntEnum):
     INCOMPATIBLE = 0x0
     COMPATIBLE = 0x1
     AUTOCLEAR = 0x2
+
+
+_BY_VALUE_FeatureType: dict[int, FeatureType] = {int(m): m for m in FeatureType}
 
 
 class BitmapFlag(IntFlag):
@@ -257,12 +280,18 @@ class BitmapFlag(IntFlag):
     """
 
 
+_FLAGS_BitmapFlag: dict[int, BitmapFlag] = {}
+
+
 class BitmapType(IntEnum):
     """
     bitmap_type (qcow2.ksy /enums/bitmap_type)
     """
 
     DIRTY_TRACKING = 0x1
+
+
+_BY_VALUE_BitmapType: dict[int, BitmapType] = {int(m): m for m in BitmapType}
 
 
 class LuksKeySlotState(IntEnum):
@@ -272,6 +301,9 @@ class LuksKeySlotState(IntEnum):
 
     DISABLED = 0xDEAD
     ACTIVE = 0xAC71F3
+
+
+_BY_VALUE_LuksKeySlotState: dict[int, LuksKeySlotState] = {int(m): m for m in LuksKeySlotState}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -331,18 +363,12 @@ class Qcow2:
 
     @classmethod
     def _parse(cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any) -> tuple[Qcow2, int]:
-        o: Any = Ns()
-        _root = o
-        o.header, pos = Header._parse(buf, pos, end, o, _root)
-        _n = (
-            o.header.ofs_backing_file_name
-            if o.header.ofs_backing_file_name != 0
-            else 1 << o.header.cluster_bits
-        ) - (o.header.len_header if o.header.version >= 3 else 72)
+        v_header, pos = Header._parse(buf, pos, end, None, _root)
+        _n = v_header.ofs_extension_area_end - v_header.len_header_effective
         need(buf, pos, _n, end, _SPEC, "/seq/1", "Qcow2", "extension_area")
-        o.extension_area, _ = HeaderExtensionArea._parse(buf, pos, pos + _n, o, _root)
+        v_extension_area, _ = HeaderExtensionArea._parse(buf, pos, pos + _n, None, _root)
         pos = pos + _n
-        return cls(header=o.header, extension_area=o.extension_area), pos
+        return cls(header=v_header, extension_area=v_extension_area), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -452,7 +478,7 @@ class Qcow2:
                 "snapshot_table",
             )
             for _ in range(_count):
-                _item, pos = SnapshotEntry._parse(buf, pos, end, o, _root)
+                _item, pos = SnapshotEntry._parse(buf, pos, end, None, _root)
                 o.snapshot_table.append(_item)
             return o.snapshot_table  # type: ignore[no-any-return]
 
@@ -469,6 +495,7 @@ class Header:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/header"
+    MAGIC_CONTENTS: ClassVar[bytes] = b"QFI\xfb"
 
     magic: bytes = b"QFI\xfb"
     """
@@ -609,32 +636,40 @@ class Header:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[Header, int]:
-        o: Any = Ns()
-        need(buf, pos, 72, end, _SPEC, "/types/header/seq/0", "Header", "magic")
+        v_incompatible_features: Any = None
+        v_compatible_features: Any = None
+        v_autoclear_features: Any = None
+        v_refcount_order: Any = None
+        v_len_header: Any = None
+        v_compression_type: Any = None
+        v_padding: Any = None
+        v_unknown_header_fields: Any = None
+        if pos + 72 > end:
+            need(buf, pos, 72, end, _SPEC, "/types/header/seq/0", "Header", "magic")
         (
-            o.magic,
-            o.version,
-            o.ofs_backing_file_name,
-            o.len_backing_file_name,
-            o.cluster_bits,
-            o.len_virtual_disk,
-            o.crypt_method,
-            o.num_l1_entries,
-            o.ofs_l1_table,
-            o.ofs_refcount_table,
-            o.num_refcount_table_clusters,
-            o.num_snapshots,
-            o.ofs_snapshot_table,
+            v_magic,
+            v_version,
+            v_ofs_backing_file_name,
+            v_len_backing_file_name,
+            v_cluster_bits,
+            v_len_virtual_disk,
+            v_crypt_method,
+            v_num_l1_entries,
+            v_ofs_l1_table,
+            v_ofs_refcount_table,
+            v_num_refcount_table_clusters,
+            v_num_snapshots,
+            v_ofs_snapshot_table,
         ) = _S0.unpack_from(buf, pos)
-        if o.magic != b"QFI\xfb":
+        if v_magic != b"QFI\xfb":
             raise invalid(
-                _SPEC, "/types/header/seq/0", "Header", "magic", pos, "b'QFI\\xfb'", o.magic
+                _SPEC, "/types/header/seq/0", "Header", "magic", pos, "b'QFI\\xfb'", v_magic
             )
-        if o.version not in (2, 3):
+        if v_version not in (2, 3):
             raise invalid(
-                _SPEC, "/types/header/seq/1", "Header", "version", pos + 4, "one of 2, 3", o.version
+                _SPEC, "/types/header/seq/1", "Header", "version", pos + 4, "one of 2, 3", v_version
             )
-        if o.len_backing_file_name > 0x3FF:
+        if v_len_backing_file_name > 0x3FF:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/3",
@@ -642,14 +677,14 @@ class Header:
                 "len_backing_file_name",
                 pos + 16,
                 "<= 0x3ff",
-                o.len_backing_file_name,
+                v_len_backing_file_name,
             )
         if not (
-            o.cluster_bits >= 9
-            and o.cluster_bits <= 21
+            v_cluster_bits >= 9
+            and v_cluster_bits <= 21
             and (
-                o.ofs_backing_file_name == 0
-                or o.ofs_backing_file_name + o.len_backing_file_name <= 1 << o.cluster_bits
+                v_ofs_backing_file_name == 0
+                or v_ofs_backing_file_name + v_len_backing_file_name <= 1 << v_cluster_bits
             )
         ):
             raise invalid(
@@ -665,10 +700,10 @@ class Header:
                     "+ lencluster_bitsbackingcluster_bitsfilecluster_bitsname <= "
                     "(1 << cluster_bits))"
                 ),
-                o.cluster_bits,
+                v_cluster_bits,
             )
-        o.crypt_method = enum_or_int(CryptMethod, o.crypt_method)
-        if o.num_l1_entries > 0x400000:
+        v_crypt_method = _BY_VALUE_CryptMethod.get(v_crypt_method, v_crypt_method)
+        if v_num_l1_entries > 0x400000:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/7",
@@ -676,9 +711,9 @@ class Header:
                 "num_l1_entries",
                 pos + 36,
                 "<= 0x400000",
-                o.num_l1_entries,
+                v_num_l1_entries,
             )
-        if o.num_refcount_table_clusters << o.cluster_bits > 0x800000:
+        if v_num_refcount_table_clusters << v_cluster_bits > 0x800000:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/10",
@@ -689,9 +724,9 @@ class Header:
                     "num_refcount_table_clusters << "
                     "clusternum_refcount_table_clustersbits <= 8388608"
                 ),
-                o.num_refcount_table_clusters,
+                v_num_refcount_table_clusters,
             )
-        if o.num_snapshots > 0x10000:
+        if v_num_snapshots > 0x10000:
             raise invalid(
                 _SPEC,
                 "/types/header/seq/11",
@@ -699,24 +734,49 @@ class Header:
                 "num_snapshots",
                 pos + 60,
                 "<= 0x10000",
-                o.num_snapshots,
+                v_num_snapshots,
             )
         pos += 72
-        if o.version >= 3:
-            need(
-                buf, pos, 32, end, _SPEC, "/types/header/seq/13", "Header", "incompatible_features"
-            )
+        if v_version >= 3:
+            if pos + 32 > end:
+                need(
+                    buf,
+                    pos,
+                    32,
+                    end,
+                    _SPEC,
+                    "/types/header/seq/13",
+                    "Header",
+                    "incompatible_features",
+                )
             (
-                o.incompatible_features,
-                o.compatible_features,
-                o.autoclear_features,
-                o.refcount_order,
-                o.len_header,
+                v_incompatible_features,
+                v_compatible_features,
+                v_autoclear_features,
+                v_refcount_order,
+                v_len_header,
             ) = _S1.unpack_from(buf, pos)
-            o.incompatible_features = IncompatibleFeature(o.incompatible_features)
-            o.compatible_features = CompatibleFeature(o.compatible_features)
-            o.autoclear_features = AutoclearFeature(o.autoclear_features)
-            if o.refcount_order > 6:
+            _incompatible_features = _FLAGS_IncompatibleFeature.get(v_incompatible_features)
+            v_incompatible_features = (
+                _incompatible_features
+                if _incompatible_features is not None
+                else flag_of(
+                    IncompatibleFeature, v_incompatible_features, _FLAGS_IncompatibleFeature
+                )
+            )
+            _compatible_features = _FLAGS_CompatibleFeature.get(v_compatible_features)
+            v_compatible_features = (
+                _compatible_features
+                if _compatible_features is not None
+                else flag_of(CompatibleFeature, v_compatible_features, _FLAGS_CompatibleFeature)
+            )
+            _autoclear_features = _FLAGS_AutoclearFeature.get(v_autoclear_features)
+            v_autoclear_features = (
+                _autoclear_features
+                if _autoclear_features is not None
+                else flag_of(AutoclearFeature, v_autoclear_features, _FLAGS_AutoclearFeature)
+            )
+            if v_refcount_order > 6:
                 raise invalid(
                     _SPEC,
                     "/types/header/seq/16",
@@ -724,12 +784,12 @@ class Header:
                     "refcount_order",
                     pos + 24,
                     "<= 6",
-                    o.refcount_order,
+                    v_refcount_order,
                 )
             if not (
-                o.len_header >= 104
-                and o.len_header % 8 == 0
-                and o.len_header <= 1 << o.cluster_bits
+                v_len_header >= 104
+                and v_len_header % 8 == 0
+                and v_len_header <= 1 << v_cluster_bits
             ):
                 raise invalid(
                     _SPEC,
@@ -741,46 +801,49 @@ class Header:
                         "len_header >= 104 and len_header % 8 == 0 and len_header <= "
                         "(1 << clusterlen_headerbits)"
                     ),
-                    o.len_header,
+                    v_len_header,
                 )
             pos += 32
-        if o.version >= 3 and o.len_header > 104:
-            need(buf, pos, 8, end, _SPEC, "/types/header/seq/18", "Header", "compression_type")
+        if v_version >= 3 and v_len_header > 104:
+            if pos + 8 > end:
+                need(buf, pos, 8, end, _SPEC, "/types/header/seq/18", "Header", "compression_type")
             (
-                o.compression_type,
-                o.padding,
+                v_compression_type,
+                v_padding,
             ) = _S2.unpack_from(buf, pos)
-            o.compression_type = enum_or_int(CompressionType, o.compression_type)
+            v_compression_type = _BY_VALUE_CompressionType.get(
+                v_compression_type, v_compression_type
+            )
             pos += 8
-        if o.version >= 3 and o.len_header > 112:
-            _n = o.len_header - 112
+        if v_version >= 3 and v_len_header > 112:
+            _n = v_len_header - 112
             need(
                 buf, pos, _n, end, _SPEC, "/types/header/seq/20", "Header", "unknown_header_fields"
             )
-            o.unknown_header_fields = bytes(buf[pos : pos + _n])
+            v_unknown_header_fields = bytes(buf[pos : pos + _n])
             pos = pos + _n
         return cls(
-            magic=o.magic,
-            version=o.version,
-            ofs_backing_file_name=o.ofs_backing_file_name,
-            len_backing_file_name=o.len_backing_file_name,
-            cluster_bits=o.cluster_bits,
-            len_virtual_disk=o.len_virtual_disk,
-            crypt_method=o.crypt_method,
-            num_l1_entries=o.num_l1_entries,
-            ofs_l1_table=o.ofs_l1_table,
-            ofs_refcount_table=o.ofs_refcount_table,
-            num_refcount_table_clusters=o.num_refcount_table_clusters,
-            num_snapshots=o.num_snapshots,
-            ofs_snapshot_table=o.ofs_snapshot_table,
-            incompatible_features=o.incompatible_features,
-            compatible_features=o.compatible_features,
-            autoclear_features=o.autoclear_features,
-            refcount_order=o.refcount_order,
-            len_header=o.len_header,
-            compression_type=o.compression_type,
-            padding=o.padding,
-            unknown_header_fields=o.unknown_header_fields,
+            magic=v_magic,
+            version=v_version,
+            ofs_backing_file_name=v_ofs_backing_file_name,
+            len_backing_file_name=v_len_backing_file_name,
+            cluster_bits=v_cluster_bits,
+            len_virtual_disk=v_len_virtual_disk,
+            crypt_method=v_crypt_method,
+            num_l1_entries=v_num_l1_entries,
+            ofs_l1_table=v_ofs_l1_table,
+            ofs_refcount_table=v_ofs_refcount_table,
+            num_refcount_table_clusters=v_num_refcount_table_clusters,
+            num_snapshots=v_num_snapshots,
+            ofs_snapshot_table=v_ofs_snapshot_table,
+            incompatible_features=v_incompatible_features,
+            compatible_features=v_compatible_features,
+            autoclear_features=v_autoclear_features,
+            refcount_order=v_refcount_order,
+            len_header=v_len_header,
+            compression_type=v_compression_type,
+            padding=v_padding,
+            unknown_header_fields=v_unknown_header_fields,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -1205,12 +1268,11 @@ class HeaderExtensionArea:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[HeaderExtensionArea, int]:
-        o: Any = Ns()
-        o.extensions = []
+        v_extensions = []
         while True:
             _at = pos
-            _item, pos = HeaderExtension._parse(buf, pos, end, o, _root)
-            o.extensions.append(_item)
+            _item, pos = HeaderExtension._parse(buf, pos, end, None, _root)
+            v_extensions.append(_item)
             if _item.ext_type == HeaderExtensionType.END or (pos >= end):
                 break
             if pos == _at:
@@ -1223,9 +1285,9 @@ class HeaderExtensionArea:
                     "progress",
                     "an empty item",
                 )
-        o.rest = bytes(buf[pos:end])
+        v_rest = bytes(buf[pos:end])
         pos = end
-        return cls(extensions=o.extensions, rest=o.rest), pos
+        return cls(extensions=v_extensions, rest=v_rest), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1315,39 +1377,47 @@ class HeaderExtension:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[HeaderExtension, int]:
-        o: Any = Ns()
-        need(
-            buf, pos, 8, end, _SPEC, "/types/header_extension/seq/0", "HeaderExtension", "ext_type"
-        )
+        v_data: Any = None
+        if pos + 8 > end:
+            need(
+                buf,
+                pos,
+                8,
+                end,
+                _SPEC,
+                "/types/header_extension/seq/0",
+                "HeaderExtension",
+                "ext_type",
+            )
         (
-            o.ext_type,
-            o.len_data,
+            v_ext_type,
+            v_len_data,
         ) = _S6.unpack_from(buf, pos)
-        o.ext_type = enum_or_int(HeaderExtensionType, o.ext_type)
+        v_ext_type = _BY_VALUE_HeaderExtensionType.get(v_ext_type, v_ext_type)
         pos += 8
-        _n = o.len_data
+        _n = v_len_data
         need(buf, pos, _n, end, _SPEC, "/types/header_extension/seq/2", "HeaderExtension", "data")
-        _sw = o.ext_type
+        _sw = v_ext_type
         if _sw == HeaderExtensionType.BACKING_FILE_FORMAT:
-            o.data, _ = ExtBackingFileFormat._parse(buf, pos, pos + _n, o, _root)
+            v_data, _ = ExtBackingFileFormat._parse(buf, pos, pos + _n, None, _root)
         elif _sw == HeaderExtensionType.FEATURE_NAME_TABLE:
-            o.data, _ = ExtFeatureNameTable._parse(buf, pos, pos + _n, o, _root)
+            v_data, _ = ExtFeatureNameTable._parse(buf, pos, pos + _n, None, _root)
         elif _sw == HeaderExtensionType.BITMAPS:
-            o.data, _ = ExtBitmaps._parse(buf, pos, pos + _n, o, _root)
+            v_data, _ = ExtBitmaps._parse(buf, pos, pos + _n, None, _root)
         elif _sw == HeaderExtensionType.FULL_DISK_ENCRYPTION:
-            o.data, _ = ExtFullDiskEncryption._parse(buf, pos, pos + _n, o, _root)
+            v_data, _ = ExtFullDiskEncryption._parse(buf, pos, pos + _n, None, _root)
         elif _sw == HeaderExtensionType.EXTERNAL_DATA_FILE:
-            o.data, _ = ExtExternalDataFile._parse(buf, pos, pos + _n, o, _root)
+            v_data, _ = ExtExternalDataFile._parse(buf, pos, pos + _n, None, _root)
         else:
-            o.data = bytes(buf[pos : pos + _n])
+            v_data = bytes(buf[pos : pos + _n])
         pos = pos + _n
-        _n = (8 - o.len_data % 8) % 8
+        _n = (8 - v_len_data % 8) % 8
         need(
             buf, pos, _n, end, _SPEC, "/types/header_extension/seq/3", "HeaderExtension", "padding"
         )
-        o.padding = bytes(buf[pos : pos + _n])
+        v_padding = bytes(buf[pos : pos + _n])
         pos = pos + _n
-        return cls(ext_type=o.ext_type, len_data=o.len_data, data=o.data, padding=o.padding), pos
+        return cls(ext_type=v_ext_type, len_data=v_len_data, data=v_data, padding=v_padding), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1438,10 +1508,9 @@ class ExtBackingFileFormat:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[ExtBackingFileFormat, int]:
-        o: Any = Ns()
-        o.name = bytes(buf[pos:end])
+        v_name = bytes(buf[pos:end])
         pos = end
-        return cls(name=o.name), pos
+        return cls(name=v_name), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1505,10 +1574,9 @@ class ExtExternalDataFile:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[ExtExternalDataFile, int]:
-        o: Any = Ns()
-        o.name = bytes(buf[pos:end])
+        v_name = bytes(buf[pos:end])
         pos = end
-        return cls(name=o.name), pos
+        return cls(name=v_name), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1572,12 +1640,11 @@ class ExtFeatureNameTable:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[ExtFeatureNameTable, int]:
-        o: Any = Ns()
-        o.entries = []
+        v_entries = []
         while pos < end:
             _at = pos
-            _item, pos = FeatureNameEntry._parse(buf, pos, end, o, _root)
-            o.entries.append(_item)
+            _item, pos = FeatureNameEntry._parse(buf, pos, end, None, _root)
+            v_entries.append(_item)
             if pos == _at:
                 raise invalid(
                     _SPEC,
@@ -1588,7 +1655,7 @@ class ExtFeatureNameTable:
                     "progress",
                     "an empty item",
                 )
-        return cls(entries=o.entries), pos
+        return cls(entries=v_entries), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1669,24 +1736,24 @@ class FeatureNameEntry:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[FeatureNameEntry, int]:
-        o: Any = Ns()
-        need(
-            buf,
-            pos,
-            48,
-            end,
-            _SPEC,
-            "/types/feature_name_entry/seq/0",
-            "FeatureNameEntry",
-            "feature_type",
-        )
+        if pos + 48 > end:
+            need(
+                buf,
+                pos,
+                48,
+                end,
+                _SPEC,
+                "/types/feature_name_entry/seq/0",
+                "FeatureNameEntry",
+                "feature_type",
+            )
         (
-            o.feature_type,
-            o.bit,
-            o.name,
+            v_feature_type,
+            v_bit,
+            v_name,
         ) = _S8.unpack_from(buf, pos)
-        o.feature_type = enum_or_int(FeatureType, o.feature_type)
-        if o.bit > 63:
+        v_feature_type = _BY_VALUE_FeatureType.get(v_feature_type, v_feature_type)
+        if v_bit > 63:
             raise invalid(
                 _SPEC,
                 "/types/feature_name_entry/seq/1",
@@ -1694,10 +1761,10 @@ class FeatureNameEntry:
                 "bit",
                 pos + 1,
                 "<= 63",
-                o.bit,
+                v_bit,
             )
         pos += 48
-        return cls(feature_type=o.feature_type, bit=o.bit, name=o.name), pos
+        return cls(feature_type=v_feature_type, bit=v_bit, name=v_name), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -1799,15 +1866,15 @@ class ExtBitmaps:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[ExtBitmaps, int]:
-        o: Any = Ns()
-        need(buf, pos, 24, end, _SPEC, "/types/ext_bitmaps/seq/0", "ExtBitmaps", "num_bitmaps")
+        if pos + 24 > end:
+            need(buf, pos, 24, end, _SPEC, "/types/ext_bitmaps/seq/0", "ExtBitmaps", "num_bitmaps")
         (
-            o.num_bitmaps,
-            o.reserved,
-            o.len_bitmap_directory,
-            o.ofs_bitmap_directory,
+            v_num_bitmaps,
+            v_reserved,
+            v_len_bitmap_directory,
+            v_ofs_bitmap_directory,
         ) = _S10.unpack_from(buf, pos)
-        if o.num_bitmaps < 1:
+        if v_num_bitmaps < 1:
             raise invalid(
                 _SPEC,
                 "/types/ext_bitmaps/seq/0",
@@ -1815,9 +1882,9 @@ class ExtBitmaps:
                 "num_bitmaps",
                 pos,
                 ">= 1",
-                o.num_bitmaps,
+                v_num_bitmaps,
             )
-        if o.num_bitmaps > 0xFFFF:
+        if v_num_bitmaps > 0xFFFF:
             raise invalid(
                 _SPEC,
                 "/types/ext_bitmaps/seq/0",
@@ -1825,9 +1892,9 @@ class ExtBitmaps:
                 "num_bitmaps",
                 pos,
                 "<= 0xffff",
-                o.num_bitmaps,
+                v_num_bitmaps,
             )
-        if o.reserved != 0:
+        if v_reserved != 0:
             raise invalid(
                 _SPEC,
                 "/types/ext_bitmaps/seq/1",
@@ -1835,9 +1902,9 @@ class ExtBitmaps:
                 "reserved",
                 pos + 4,
                 "0",
-                o.reserved,
+                v_reserved,
             )
-        if o.len_bitmap_directory > 0x3FFFC00:
+        if v_len_bitmap_directory > 0x3FFFC00:
             raise invalid(
                 _SPEC,
                 "/types/ext_bitmaps/seq/2",
@@ -1845,14 +1912,14 @@ class ExtBitmaps:
                 "len_bitmap_directory",
                 pos + 8,
                 "<= 0x3fffc00",
-                o.len_bitmap_directory,
+                v_len_bitmap_directory,
             )
         pos += 24
         return cls(
-            num_bitmaps=o.num_bitmaps,
-            reserved=o.reserved,
-            len_bitmap_directory=o.len_bitmap_directory,
-            ofs_bitmap_directory=o.ofs_bitmap_directory,
+            num_bitmaps=v_num_bitmaps,
+            reserved=v_reserved,
+            len_bitmap_directory=v_len_bitmap_directory,
+            ofs_bitmap_directory=v_ofs_bitmap_directory,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -1944,7 +2011,7 @@ class ExtBitmaps:
                 "ExtBitmaps",
                 "bitmap_directory",
             )
-            o.bitmap_directory, _ = BitmapDirectory._parse(buf, pos, pos + _n, o, _root)
+            o.bitmap_directory, _ = BitmapDirectory._parse(buf, pos, pos + _n, None, _root)
             pos = pos + _n
             return o.bitmap_directory  # type: ignore[no-any-return]
 
@@ -2004,25 +2071,25 @@ class ExtFullDiskEncryption:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[ExtFullDiskEncryption, int]:
-        o: Any = Ns()
-        need(
-            buf,
-            pos,
-            16,
-            end,
-            _SPEC,
-            "/types/ext_full_disk_encryption/seq/0",
-            "ExtFullDiskEncryption",
-            "ofs_encryption_header",
-        )
+        if pos + 16 > end:
+            need(
+                buf,
+                pos,
+                16,
+                end,
+                _SPEC,
+                "/types/ext_full_disk_encryption/seq/0",
+                "ExtFullDiskEncryption",
+                "ofs_encryption_header",
+            )
         (
-            o.ofs_encryption_header,
-            o.len_encryption_header,
+            v_ofs_encryption_header,
+            v_len_encryption_header,
         ) = _S12.unpack_from(buf, pos)
         pos += 16
         return cls(
-            ofs_encryption_header=o.ofs_encryption_header,
-            len_encryption_header=o.len_encryption_header,
+            ofs_encryption_header=v_ofs_encryption_header,
+            len_encryption_header=v_len_encryption_header,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -2062,7 +2129,7 @@ class ExtFullDiskEncryption:
             end = len(buf)
             _root = None if None is not None else o
             _parent = self
-            o.encryption_header, pos = LuksHeader._parse(buf, pos, end, o, _root)
+            o.encryption_header, pos = LuksHeader._parse(buf, pos, end, None, _root)
             return o.encryption_header  # type: ignore[no-any-return]
 
         return read_growing(f, _parse, _first, pad_eof=True)
@@ -2385,17 +2452,17 @@ class SubclusterBitmap:
 
     SPEC_PATH: ClassVar[str] = "/types/subcluster_bitmap"
     SIZE: ClassVar[int] = 8
-    ZERO_MASK_SHIFT: ClassVar[int] = 32
-    ZERO_MASK_MASK: ClassVar[int] = 0xFFFFFFFF00000000
-    ALLOC_MASK_SHIFT: ClassVar[int] = 0
-    ALLOC_MASK_MASK: ClassVar[int] = 0xFFFFFFFF
+    READS_AS_ZERO_SHIFT: ClassVar[int] = 32
+    READS_AS_ZERO_MASK: ClassVar[int] = 0xFFFFFFFF00000000
+    ALLOCATED_SHIFT: ClassVar[int] = 0
+    ALLOCATED_MASK: ClassVar[int] = 0xFFFFFFFF
     WORD: ClassVar[str] = "Q"
 
-    zero_mask: int
+    reads_as_zero: int
     """
     Bit x set means subcluster x reads as zeros.
     """
-    alloc_mask: int
+    allocated: int
     """
     Bit x set means subcluster x is allocated in this image.
     """
@@ -2443,20 +2510,20 @@ class SubclusterBitmap:
         f.write(self.build())
 
     def _build(self, out: bytearray, _parent: Any, _root: Any) -> None:
-        if not 0 <= int(self.zero_mask) <= 0xFFFFFFFF:
+        if not 0 <= int(self.reads_as_zero) <= 0xFFFFFFFF:
             raise build_error(
                 _SPEC,
                 "/types/subcluster_bitmap/seq/0",
                 "SubclusterBitmap",
-                "zero_mask",
+                "reads_as_zero",
                 "does not fit in 32 bits",
             )
-        if not 0 <= int(self.alloc_mask) <= 0xFFFFFFFF:
+        if not 0 <= int(self.allocated) <= 0xFFFFFFFF:
             raise build_error(
                 _SPEC,
                 "/types/subcluster_bitmap/seq/1",
                 "SubclusterBitmap",
-                "alloc_mask",
+                "allocated",
                 "does not fit in 32 bits",
             )
         out += _S16.pack(self.to_raw())
@@ -2469,13 +2536,13 @@ class SubclusterBitmap:
     def from_raw(cls, raw: int) -> SubclusterBitmap:
         """Decode the fields from the raw word."""
         return cls(
-            zero_mask=(raw >> 32) & 0xFFFFFFFF,
-            alloc_mask=(raw >> 0) & 0xFFFFFFFF,
+            reads_as_zero=(raw >> 32) & 0xFFFFFFFF,
+            allocated=(raw >> 0) & 0xFFFFFFFF,
         )
 
     def to_raw(self) -> int:
         """Encode the fields into the raw word."""
-        return (int(self.zero_mask) << 32) | (int(self.alloc_mask) << 0)
+        return (int(self.reads_as_zero) << 32) | (int(self.allocated) << 0)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -2527,10 +2594,9 @@ class L2EntryExtended:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[L2EntryExtended, int]:
-        o: Any = Ns()
-        o.entry, pos = L2Entry._parse(buf, pos, end, o, _root)
-        o.subclusters, pos = SubclusterBitmap._parse(buf, pos, end, o, _root)
-        return cls(entry=o.entry, subclusters=o.subclusters), pos
+        v_entry, pos = L2Entry._parse(buf, pos, end, None, _root)
+        v_subclusters, pos = SubclusterBitmap._parse(buf, pos, end, None, _root)
+        return cls(entry=v_entry, subclusters=v_subclusters), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -2625,16 +2691,17 @@ class L2Table:
         cluster_bits: int,
         extended: bool,
     ) -> tuple[L2Table, int]:
-        o: Any = Ns()
-        o.cluster_bits = cluster_bits
-        o.extended = extended
-        if not o.extended:
-            _n = (1 << o.cluster_bits) // 8
+        v_cluster_bits = cluster_bits
+        v_extended = extended
+        v_entries: Any = None
+        v_entries_extended: Any = None
+        if not v_extended:
+            _n = (1 << v_cluster_bits) // 8
             need(buf, pos, _n * 8, end, _SPEC, "/types/l2_table/seq/0", "L2Table", "entries")
-            o.entries = unpack_words(buf, pos, _n * 1, "Q", True)
+            v_entries = unpack_words(buf, pos, _n * 1, "Q", True)
             pos += _n * 8
-        if o.extended:
-            _n = (1 << o.cluster_bits) // 16
+        if v_extended:
+            _n = (1 << v_cluster_bits) // 16
             need(
                 buf,
                 pos,
@@ -2645,13 +2712,13 @@ class L2Table:
                 "L2Table",
                 "entries_extended",
             )
-            o.entries_extended = unpack_words(buf, pos, _n * 2, "Q", True)
+            v_entries_extended = unpack_words(buf, pos, _n * 2, "Q", True)
             pos += _n * 16
         return cls(
-            cluster_bits=o.cluster_bits,
-            extended=o.extended,
-            entries=o.entries,
-            entries_extended=o.entries_extended,
+            cluster_bits=v_cluster_bits,
+            extended=v_extended,
+            entries=v_entries,
+            entries_extended=v_entries_extended,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -2778,21 +2845,21 @@ class CompressedDescriptor:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any, cluster_bits: int
     ) -> tuple[CompressedDescriptor, int]:
-        o: Any = Ns()
-        o.cluster_bits = cluster_bits
-        need(
-            buf,
-            pos,
-            8,
-            end,
-            _SPEC,
-            "/types/compressed_descriptor/seq/0",
-            "CompressedDescriptor",
-            "raw",
-        )
-        (o.raw,) = _S17.unpack_from(buf, pos)
+        v_cluster_bits = cluster_bits
+        if pos + 8 > end:
+            need(
+                buf,
+                pos,
+                8,
+                end,
+                _SPEC,
+                "/types/compressed_descriptor/seq/0",
+                "CompressedDescriptor",
+                "raw",
+            )
+        (v_raw,) = _S17.unpack_from(buf, pos)
         pos += 8
-        return cls(cluster_bits=o.cluster_bits, raw=o.raw), pos
+        return cls(cluster_bits=v_cluster_bits, raw=v_raw), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -3086,11 +3153,17 @@ class RefcountBlock:
         cluster_bits: int,
         refcount_order: int,
     ) -> tuple[RefcountBlock, int]:
-        o: Any = Ns()
-        o.cluster_bits = cluster_bits
-        o.refcount_order = refcount_order
-        if o.refcount_order == 0:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        v_cluster_bits = cluster_bits
+        v_refcount_order = refcount_order
+        v_refcounts_1: Any = None
+        v_refcounts_2: Any = None
+        v_refcounts_4: Any = None
+        v_refcounts_8: Any = None
+        v_refcounts_16: Any = None
+        v_refcounts_32: Any = None
+        v_refcounts_64: Any = None
+        if v_refcount_order == 0:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             _nb = (_n * 1 + 7) // 8
             need(
                 buf,
@@ -3102,10 +3175,10 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_1",
             )
-            o.refcounts_1 = unpack_bits(buf, pos, _n, 1, True)
+            v_refcounts_1 = unpack_bits(buf, pos, _n, 1, True)
             pos += _nb
-        if o.refcount_order == 1:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        if v_refcount_order == 1:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             _nb = (_n * 2 + 7) // 8
             need(
                 buf,
@@ -3117,10 +3190,10 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_2",
             )
-            o.refcounts_2 = unpack_bits(buf, pos, _n, 2, True)
+            v_refcounts_2 = unpack_bits(buf, pos, _n, 2, True)
             pos += _nb
-        if o.refcount_order == 2:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        if v_refcount_order == 2:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             _nb = (_n * 4 + 7) // 8
             need(
                 buf,
@@ -3132,10 +3205,10 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_4",
             )
-            o.refcounts_4 = unpack_bits(buf, pos, _n, 4, True)
+            v_refcounts_4 = unpack_bits(buf, pos, _n, 4, True)
             pos += _nb
-        if o.refcount_order == 3:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        if v_refcount_order == 3:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             need(
                 buf,
                 pos,
@@ -3146,10 +3219,10 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_8",
             )
-            o.refcounts_8 = unpack_words(buf, pos, _n * 1, "B", True)
+            v_refcounts_8 = unpack_words(buf, pos, _n * 1, "B", True)
             pos += _n * 1
-        if o.refcount_order == 4:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        if v_refcount_order == 4:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             need(
                 buf,
                 pos,
@@ -3160,10 +3233,10 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_16",
             )
-            o.refcounts_16 = unpack_words(buf, pos, _n * 1, "H", True)
+            v_refcounts_16 = unpack_words(buf, pos, _n * 1, "H", True)
             pos += _n * 2
-        if o.refcount_order == 5:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        if v_refcount_order == 5:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             need(
                 buf,
                 pos,
@@ -3174,10 +3247,10 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_32",
             )
-            o.refcounts_32 = unpack_words(buf, pos, _n * 1, "I", True)
+            v_refcounts_32 = unpack_words(buf, pos, _n * 1, "I", True)
             pos += _n * 4
-        if o.refcount_order == 6:
-            _n = 1 << o.cluster_bits + 3 - o.refcount_order
+        if v_refcount_order == 6:
+            _n = 1 << v_cluster_bits + 3 - v_refcount_order
             need(
                 buf,
                 pos,
@@ -3188,18 +3261,18 @@ class RefcountBlock:
                 "RefcountBlock",
                 "refcounts_64",
             )
-            o.refcounts_64 = unpack_words(buf, pos, _n * 1, "Q", True)
+            v_refcounts_64 = unpack_words(buf, pos, _n * 1, "Q", True)
             pos += _n * 8
         return cls(
-            cluster_bits=o.cluster_bits,
-            refcount_order=o.refcount_order,
-            refcounts_1=o.refcounts_1,
-            refcounts_2=o.refcounts_2,
-            refcounts_4=o.refcounts_4,
-            refcounts_8=o.refcounts_8,
-            refcounts_16=o.refcounts_16,
-            refcounts_32=o.refcounts_32,
-            refcounts_64=o.refcounts_64,
+            cluster_bits=v_cluster_bits,
+            refcount_order=v_refcount_order,
+            refcounts_1=v_refcounts_1,
+            refcounts_2=v_refcounts_2,
+            refcounts_4=v_refcounts_4,
+            refcounts_8=v_refcounts_8,
+            refcounts_16=v_refcounts_16,
+            refcounts_32=v_refcounts_32,
+            refcounts_64=v_refcounts_64,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -3521,22 +3594,29 @@ class SnapshotEntry:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[SnapshotEntry, int]:
-        o: Any = Ns()
-        need(
-            buf, pos, 40, end, _SPEC, "/types/snapshot_entry/seq/0", "SnapshotEntry", "ofs_l1_table"
-        )
+        if pos + 40 > end:
+            need(
+                buf,
+                pos,
+                40,
+                end,
+                _SPEC,
+                "/types/snapshot_entry/seq/0",
+                "SnapshotEntry",
+                "ofs_l1_table",
+            )
         (
-            o.ofs_l1_table,
-            o.num_l1_entries,
-            o.len_id,
-            o.len_name,
-            o.date_sec,
-            o.date_nsec,
-            o.vm_clock_nsec,
-            o.len_vm_state_32,
-            o.len_extra_data,
+            v_ofs_l1_table,
+            v_num_l1_entries,
+            v_len_id,
+            v_len_name,
+            v_date_sec,
+            v_date_nsec,
+            v_vm_clock_nsec,
+            v_len_vm_state_32,
+            v_len_extra_data,
         ) = _S20.unpack_from(buf, pos)
-        if o.num_l1_entries > 0x400000:
+        if v_num_l1_entries > 0x400000:
             raise invalid(
                 _SPEC,
                 "/types/snapshot_entry/seq/1",
@@ -3544,9 +3624,9 @@ class SnapshotEntry:
                 "num_l1_entries",
                 pos + 8,
                 "<= 0x400000",
-                o.num_l1_entries,
+                v_num_l1_entries,
             )
-        if o.len_extra_data > 0x400:
+        if v_len_extra_data > 0x400:
             raise invalid(
                 _SPEC,
                 "/types/snapshot_entry/seq/8",
@@ -3554,39 +3634,55 @@ class SnapshotEntry:
                 "len_extra_data",
                 pos + 36,
                 "<= 0x400",
-                o.len_extra_data,
+                v_len_extra_data,
             )
         pos += 40
-        _n = o.len_extra_data
+        _n = v_len_extra_data
         need(buf, pos, _n, end, _SPEC, "/types/snapshot_entry/seq/9", "SnapshotEntry", "extra_data")
-        o.extra_data, _ = SnapshotExtraData._parse(buf, pos, pos + _n, o, _root)
+        v_extra_data, _ = SnapshotExtraData._parse(
+            buf,
+            pos,
+            pos + _n,
+            Ns.of(
+                ofs_l1_table=v_ofs_l1_table,
+                num_l1_entries=v_num_l1_entries,
+                len_id=v_len_id,
+                len_name=v_len_name,
+                date_sec=v_date_sec,
+                date_nsec=v_date_nsec,
+                vm_clock_nsec=v_vm_clock_nsec,
+                len_vm_state_32=v_len_vm_state_32,
+                len_extra_data=v_len_extra_data,
+            ),
+            _root,
+        )
         pos = pos + _n
-        _n = o.len_id
+        _n = v_len_id
         need(buf, pos, _n, end, _SPEC, "/types/snapshot_entry/seq/10", "SnapshotEntry", "id_str")
-        o.id_str = bytes(buf[pos : pos + _n])
+        v_id_str = bytes(buf[pos : pos + _n])
         pos = pos + _n
-        _n = o.len_name
+        _n = v_len_name
         need(buf, pos, _n, end, _SPEC, "/types/snapshot_entry/seq/11", "SnapshotEntry", "name")
-        o.name = bytes(buf[pos : pos + _n])
+        v_name = bytes(buf[pos : pos + _n])
         pos = pos + _n
-        _n = (8 - (40 + o.len_extra_data + o.len_id + o.len_name) % 8) % 8
+        _n = (8 - (40 + v_len_extra_data + v_len_id + v_len_name) % 8) % 8
         need(buf, pos, _n, end, _SPEC, "/types/snapshot_entry/seq/12", "SnapshotEntry", "padding")
-        o.padding = bytes(buf[pos : pos + _n])
+        v_padding = bytes(buf[pos : pos + _n])
         pos = pos + _n
         return cls(
-            ofs_l1_table=o.ofs_l1_table,
-            num_l1_entries=o.num_l1_entries,
-            len_id=o.len_id,
-            len_name=o.len_name,
-            date_sec=o.date_sec,
-            date_nsec=o.date_nsec,
-            vm_clock_nsec=o.vm_clock_nsec,
-            len_vm_state_32=o.len_vm_state_32,
-            len_extra_data=o.len_extra_data,
-            extra_data=o.extra_data,
-            id_str=o.id_str,
-            name=o.name,
-            padding=o.padding,
+            ofs_l1_table=v_ofs_l1_table,
+            num_l1_entries=v_num_l1_entries,
+            len_id=v_len_id,
+            len_name=v_len_name,
+            date_sec=v_date_sec,
+            date_nsec=v_date_nsec,
+            vm_clock_nsec=v_vm_clock_nsec,
+            len_vm_state_32=v_len_vm_state_32,
+            len_extra_data=v_len_extra_data,
+            extra_data=v_extra_data,
+            id_str=v_id_str,
+            name=v_name,
+            padding=v_padding,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -3753,53 +3849,58 @@ class SnapshotExtraData:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[SnapshotExtraData, int]:
-        o: Any = Ns()
+        v_len_vm_state: Any = None
+        v_len_virtual_disk: Any = None
+        v_icount: Any = None
         if _parent.len_extra_data >= 8:
-            need(
-                buf,
-                pos,
-                8,
-                end,
-                _SPEC,
-                "/types/snapshot_extra_data/seq/0",
-                "SnapshotExtraData",
-                "len_vm_state",
-            )
-            (o.len_vm_state,) = _S22.unpack_from(buf, pos)
+            if pos + 8 > end:
+                need(
+                    buf,
+                    pos,
+                    8,
+                    end,
+                    _SPEC,
+                    "/types/snapshot_extra_data/seq/0",
+                    "SnapshotExtraData",
+                    "len_vm_state",
+                )
+            (v_len_vm_state,) = _S22.unpack_from(buf, pos)
             pos += 8
         if _parent.len_extra_data >= 16:
-            need(
-                buf,
-                pos,
-                8,
-                end,
-                _SPEC,
-                "/types/snapshot_extra_data/seq/1",
-                "SnapshotExtraData",
-                "len_virtual_disk",
-            )
-            (o.len_virtual_disk,) = _S23.unpack_from(buf, pos)
+            if pos + 8 > end:
+                need(
+                    buf,
+                    pos,
+                    8,
+                    end,
+                    _SPEC,
+                    "/types/snapshot_extra_data/seq/1",
+                    "SnapshotExtraData",
+                    "len_virtual_disk",
+                )
+            (v_len_virtual_disk,) = _S23.unpack_from(buf, pos)
             pos += 8
         if _parent.len_extra_data >= 24:
-            need(
-                buf,
-                pos,
-                8,
-                end,
-                _SPEC,
-                "/types/snapshot_extra_data/seq/2",
-                "SnapshotExtraData",
-                "icount",
-            )
-            (o.icount,) = _S24.unpack_from(buf, pos)
+            if pos + 8 > end:
+                need(
+                    buf,
+                    pos,
+                    8,
+                    end,
+                    _SPEC,
+                    "/types/snapshot_extra_data/seq/2",
+                    "SnapshotExtraData",
+                    "icount",
+                )
+            (v_icount,) = _S24.unpack_from(buf, pos)
             pos += 8
-        o.unknown = bytes(buf[pos:end])
+        v_unknown = bytes(buf[pos:end])
         pos = end
         return cls(
-            len_vm_state=o.len_vm_state,
-            len_virtual_disk=o.len_virtual_disk,
-            icount=o.icount,
-            unknown=o.unknown,
+            len_vm_state=v_len_vm_state,
+            len_virtual_disk=v_len_virtual_disk,
+            icount=v_icount,
+            unknown=v_unknown,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -3918,12 +4019,11 @@ class BitmapDirectory:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[BitmapDirectory, int]:
-        o: Any = Ns()
-        o.entries = []
+        v_entries = []
         while pos < end:
             _at = pos
-            _item, pos = BitmapDirectoryEntry._parse(buf, pos, end, o, _root)
-            o.entries.append(_item)
+            _item, pos = BitmapDirectoryEntry._parse(buf, pos, end, None, _root)
+            v_entries.append(_item)
             if pos == _at:
                 raise invalid(
                     _SPEC,
@@ -3934,7 +4034,7 @@ class BitmapDirectory:
                     "progress",
                     "an empty item",
                 )
-        return cls(entries=o.entries), pos
+        return cls(entries=v_entries), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
         """Serialize; raises BuildError when counts or lengths disagree with the data."""
@@ -4046,27 +4146,27 @@ class BitmapDirectoryEntry:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[BitmapDirectoryEntry, int]:
-        o: Any = Ns()
-        need(
-            buf,
-            pos,
-            24,
-            end,
-            _SPEC,
-            "/types/bitmap_directory_entry/seq/0",
-            "BitmapDirectoryEntry",
-            "ofs_bitmap_table",
-        )
+        if pos + 24 > end:
+            need(
+                buf,
+                pos,
+                24,
+                end,
+                _SPEC,
+                "/types/bitmap_directory_entry/seq/0",
+                "BitmapDirectoryEntry",
+                "ofs_bitmap_table",
+            )
         (
-            o.ofs_bitmap_table,
-            o.num_bitmap_table_entries,
-            o.flags,
-            o.bitmap_type,
-            o.granularity_bits,
-            o.len_name,
-            o.len_extra_data,
+            v_ofs_bitmap_table,
+            v_num_bitmap_table_entries,
+            v_flags,
+            v_bitmap_type,
+            v_granularity_bits,
+            v_len_name,
+            v_len_extra_data,
         ) = _S28.unpack_from(buf, pos)
-        if o.num_bitmap_table_entries > 0x8000000:
+        if v_num_bitmap_table_entries > 0x8000000:
             raise invalid(
                 _SPEC,
                 "/types/bitmap_directory_entry/seq/1",
@@ -4074,11 +4174,12 @@ class BitmapDirectoryEntry:
                 "num_bitmap_table_entries",
                 pos + 8,
                 "<= 0x8000000",
-                o.num_bitmap_table_entries,
+                v_num_bitmap_table_entries,
             )
-        o.flags = BitmapFlag(o.flags)
-        o.bitmap_type = enum_or_int(BitmapType, o.bitmap_type)
-        if o.granularity_bits < 9:
+        _flags = _FLAGS_BitmapFlag.get(v_flags)
+        v_flags = _flags if _flags is not None else flag_of(BitmapFlag, v_flags, _FLAGS_BitmapFlag)
+        v_bitmap_type = _BY_VALUE_BitmapType.get(v_bitmap_type, v_bitmap_type)
+        if v_granularity_bits < 9:
             raise invalid(
                 _SPEC,
                 "/types/bitmap_directory_entry/seq/4",
@@ -4086,9 +4187,9 @@ class BitmapDirectoryEntry:
                 "granularity_bits",
                 pos + 17,
                 ">= 9",
-                o.granularity_bits,
+                v_granularity_bits,
             )
-        if o.granularity_bits > 31:
+        if v_granularity_bits > 31:
             raise invalid(
                 _SPEC,
                 "/types/bitmap_directory_entry/seq/4",
@@ -4096,9 +4197,9 @@ class BitmapDirectoryEntry:
                 "granularity_bits",
                 pos + 17,
                 "<= 31",
-                o.granularity_bits,
+                v_granularity_bits,
             )
-        if o.len_name > 0x3FF:
+        if v_len_name > 0x3FF:
             raise invalid(
                 _SPEC,
                 "/types/bitmap_directory_entry/seq/5",
@@ -4106,10 +4207,10 @@ class BitmapDirectoryEntry:
                 "len_name",
                 pos + 18,
                 "<= 0x3ff",
-                o.len_name,
+                v_len_name,
             )
         pos += 24
-        _n = o.len_extra_data
+        _n = v_len_extra_data
         need(
             buf,
             pos,
@@ -4120,9 +4221,9 @@ class BitmapDirectoryEntry:
             "BitmapDirectoryEntry",
             "extra_data",
         )
-        o.extra_data = bytes(buf[pos : pos + _n])
+        v_extra_data = bytes(buf[pos : pos + _n])
         pos = pos + _n
-        _n = o.len_name
+        _n = v_len_name
         need(
             buf,
             pos,
@@ -4133,9 +4234,9 @@ class BitmapDirectoryEntry:
             "BitmapDirectoryEntry",
             "name",
         )
-        o.name = bytes(buf[pos : pos + _n])
+        v_name = bytes(buf[pos : pos + _n])
         pos = pos + _n
-        _n = (8 - (24 + o.len_extra_data + o.len_name) % 8) % 8
+        _n = (8 - (24 + v_len_extra_data + v_len_name) % 8) % 8
         need(
             buf,
             pos,
@@ -4146,19 +4247,19 @@ class BitmapDirectoryEntry:
             "BitmapDirectoryEntry",
             "padding",
         )
-        o.padding = bytes(buf[pos : pos + _n])
+        v_padding = bytes(buf[pos : pos + _n])
         pos = pos + _n
         return cls(
-            ofs_bitmap_table=o.ofs_bitmap_table,
-            num_bitmap_table_entries=o.num_bitmap_table_entries,
-            flags=o.flags,
-            bitmap_type=o.bitmap_type,
-            granularity_bits=o.granularity_bits,
-            len_name=o.len_name,
-            len_extra_data=o.len_extra_data,
-            extra_data=o.extra_data,
-            name=o.name,
-            padding=o.padding,
+            ofs_bitmap_table=v_ofs_bitmap_table,
+            num_bitmap_table_entries=v_num_bitmap_table_entries,
+            flags=v_flags,
+            bitmap_type=v_bitmap_type,
+            granularity_bits=v_granularity_bits,
+            len_name=v_len_name,
+            len_extra_data=v_len_extra_data,
+            extra_data=v_extra_data,
+            name=v_name,
+            padding=v_padding,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -4427,6 +4528,7 @@ class LuksHeader:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/luks_header"
+    MAGIC_CONTENTS: ClassVar[bytes] = b"LUKS\xba\xbe"
 
     magic: bytes = b"LUKS\xba\xbe"
     """
@@ -4522,22 +4624,22 @@ class LuksHeader:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[LuksHeader, int]:
-        o: Any = Ns()
-        need(buf, pos, 208, end, _SPEC, "/types/luks_header/seq/0", "LuksHeader", "magic")
+        if pos + 208 > end:
+            need(buf, pos, 208, end, _SPEC, "/types/luks_header/seq/0", "LuksHeader", "magic")
         (
-            o.magic,
-            o.version,
-            o.cipher_name,
-            o.cipher_mode,
-            o.hash_spec,
-            o.ofs_payload_sectors,
-            o.len_key,
-            o.mk_digest,
-            o.mk_digest_salt,
-            o.mk_digest_iterations,
-            o.uuid,
+            v_magic,
+            v_version,
+            v_cipher_name,
+            v_cipher_mode,
+            v_hash_spec,
+            v_ofs_payload_sectors,
+            v_len_key,
+            v_mk_digest,
+            v_mk_digest_salt,
+            v_mk_digest_iterations,
+            v_uuid,
         ) = _S31.unpack_from(buf, pos)
-        if o.magic != b"LUKS\xba\xbe":
+        if v_magic != b"LUKS\xba\xbe":
             raise invalid(
                 _SPEC,
                 "/types/luks_header/seq/0",
@@ -4545,14 +4647,14 @@ class LuksHeader:
                 "magic",
                 pos,
                 "b'LUKS\\xba\\xbe'",
-                o.magic,
+                v_magic,
             )
-        if o.version != 1:
+        if v_version != 1:
             raise invalid(
-                _SPEC, "/types/luks_header/seq/1", "LuksHeader", "version", pos + 6, "1", o.version
+                _SPEC, "/types/luks_header/seq/1", "LuksHeader", "version", pos + 6, "1", v_version
             )
         pos += 208
-        o.key_slots = []
+        v_key_slots = []
         _count = 8
         need(
             buf,
@@ -4565,21 +4667,21 @@ class LuksHeader:
             "key_slots",
         )
         for _ in range(_count):
-            _item, pos = LuksKeySlot._parse(buf, pos, end, o, _root)
-            o.key_slots.append(_item)
+            _item, pos = LuksKeySlot._parse(buf, pos, end, None, _root)
+            v_key_slots.append(_item)
         return cls(
-            magic=o.magic,
-            version=o.version,
-            cipher_name=o.cipher_name,
-            cipher_mode=o.cipher_mode,
-            hash_spec=o.hash_spec,
-            ofs_payload_sectors=o.ofs_payload_sectors,
-            len_key=o.len_key,
-            mk_digest=o.mk_digest,
-            mk_digest_salt=o.mk_digest_salt,
-            mk_digest_iterations=o.mk_digest_iterations,
-            uuid=o.uuid,
-            key_slots=o.key_slots,
+            magic=v_magic,
+            version=v_version,
+            cipher_name=v_cipher_name,
+            cipher_mode=v_cipher_mode,
+            hash_spec=v_hash_spec,
+            ofs_payload_sectors=v_ofs_payload_sectors,
+            len_key=v_len_key,
+            mk_digest=v_mk_digest,
+            mk_digest_salt=v_mk_digest_salt,
+            mk_digest_iterations=v_mk_digest_iterations,
+            uuid=v_uuid,
+            key_slots=v_key_slots,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:
@@ -4759,23 +4861,23 @@ class LuksKeySlot:
     def _parse(
         cls, buf: Buffer, pos: int, end: int, _parent: Any, _root: Any
     ) -> tuple[LuksKeySlot, int]:
-        o: Any = Ns()
-        need(buf, pos, 48, end, _SPEC, "/types/luks_key_slot/seq/0", "LuksKeySlot", "active")
+        if pos + 48 > end:
+            need(buf, pos, 48, end, _SPEC, "/types/luks_key_slot/seq/0", "LuksKeySlot", "active")
         (
-            o.active,
-            o.iterations,
-            o.salt,
-            o.ofs_key_material_sectors,
-            o.num_stripes,
+            v_active,
+            v_iterations,
+            v_salt,
+            v_ofs_key_material_sectors,
+            v_num_stripes,
         ) = _S33.unpack_from(buf, pos)
-        o.active = enum_or_int(LuksKeySlotState, o.active)
+        v_active = _BY_VALUE_LuksKeySlotState.get(v_active, v_active)
         pos += 48
         return cls(
-            active=o.active,
-            iterations=o.iterations,
-            salt=o.salt,
-            ofs_key_material_sectors=o.ofs_key_material_sectors,
-            num_stripes=o.num_stripes,
+            active=v_active,
+            iterations=v_iterations,
+            salt=v_salt,
+            ofs_key_material_sectors=v_ofs_key_material_sectors,
+            num_stripes=v_num_stripes,
         ), pos
 
     def build(self, *, _parent: Any = None) -> bytes:

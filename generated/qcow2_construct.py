@@ -269,7 +269,7 @@ L2Entry: Any = BitStruct(
     "zero" / Flag,
 )
 
-SubclusterBitmap: Any = BitStruct("zero_mask" / BitsInteger(32), "alloc_mask" / BitsInteger(32))
+SubclusterBitmap: Any = BitStruct("reads_as_zero" / BitsInteger(32), "allocated" / BitsInteger(32))
 
 L2EntryExtended: Any = Struct(
     "entry" / LazyBound(lambda: L2Entry),
@@ -279,27 +279,40 @@ L2EntryExtended: Any = Struct(
 L2Table: Any = Struct(
     "entries"
     / If(
-        lambda ctx: not ctx.extended,
-        Array(lambda ctx: (1 << ctx.cluster_bits) // 8, LazyBound(lambda: L2Entry)),
+        lambda ctx: not ctx._params.extended,
+        Array(lambda ctx: (1 << ctx._params.cluster_bits) // 8, LazyBound(lambda: L2Entry)),
     ),
     "entries_extended"
     / If(
-        lambda ctx: ctx.extended,
-        Array(lambda ctx: (1 << ctx.cluster_bits) // 16, LazyBound(lambda: L2EntryExtended)),
+        lambda ctx: ctx._params.extended,
+        Array(
+            lambda ctx: (1 << ctx._params.cluster_bits) // 16, LazyBound(lambda: L2EntryExtended)
+        ),
     ),
 )
 
 CompressedDescriptor: Any = Struct(
     "raw" / Int64ub,
-    "num_offset_bits" / Computed(lambda ctx: 70 - ctx.cluster_bits),
-    "ofs_compressed" / Computed(lambda ctx: ctx.raw & (1 << (70 - ctx.cluster_bits)) - 1),
+    "num_offset_bits" / Computed(lambda ctx: 70 - ctx._params.cluster_bits),
+    "ofs_compressed" / Computed(lambda ctx: ctx.raw & (1 << (70 - ctx._params.cluster_bits)) - 1),
     "num_additional_sectors"
-    / Computed(lambda ctx: ctx.raw >> (70 - ctx.cluster_bits) & (1 << ctx.cluster_bits - 8) - 1),
+    / Computed(
+        lambda ctx: (
+            ctx.raw >> (70 - ctx._params.cluster_bits) & (1 << ctx._params.cluster_bits - 8) - 1
+        )
+    ),
     "len_compressed_max"
     / Computed(
         lambda ctx: (
-            ((ctx.raw >> (70 - ctx.cluster_bits) & (1 << ctx.cluster_bits - 8) - 1) + 1) * 0x200
-            - (ctx.raw & (1 << (70 - ctx.cluster_bits)) - 1) % 0x200
+            (
+                (
+                    ctx.raw >> (70 - ctx._params.cluster_bits)
+                    & (1 << ctx._params.cluster_bits - 8) - 1
+                )
+                + 1
+            )
+            * 0x200
+            - (ctx.raw & (1 << (70 - ctx._params.cluster_bits)) - 1) % 0x200
         )
     ),
 )
@@ -311,18 +324,22 @@ RefcountTableEntry: Any = BitStruct(
 RefcountBlock: Any = Struct(
     "refcounts_1"
     / If(
-        lambda ctx: ctx.refcount_order == 0,
+        lambda ctx: ctx._params.refcount_order == 0,
         BitsSwapped(
-            Bitwise(Array(lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order, Flag))
+            Bitwise(
+                Array(
+                    lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order, Flag
+                )
+            )
         ),
     ),
     "refcounts_2"
     / If(
-        lambda ctx: ctx.refcount_order == 1,
+        lambda ctx: ctx._params.refcount_order == 1,
         BitsSwapped(
             Bitwise(
                 Array(
-                    lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order,
+                    lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order,
                     ExprAdapter(BitsInteger(2), _rev2, _rev2),
                 )
             )
@@ -330,11 +347,11 @@ RefcountBlock: Any = Struct(
     ),
     "refcounts_4"
     / If(
-        lambda ctx: ctx.refcount_order == 2,
+        lambda ctx: ctx._params.refcount_order == 2,
         BitsSwapped(
             Bitwise(
                 Array(
-                    lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order,
+                    lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order,
                     ExprAdapter(BitsInteger(4), _rev4, _rev4),
                 )
             )
@@ -342,25 +359,26 @@ RefcountBlock: Any = Struct(
     ),
     "refcounts_8"
     / If(
-        lambda ctx: ctx.refcount_order == 3,
-        Array(lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order, Int8ub),
+        lambda ctx: ctx._params.refcount_order == 3,
+        Array(lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order, Int8ub),
     ),
     "refcounts_16"
     / If(
-        lambda ctx: ctx.refcount_order == 4,
-        Array(lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order, Int16ub),
+        lambda ctx: ctx._params.refcount_order == 4,
+        Array(lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order, Int16ub),
     ),
     "refcounts_32"
     / If(
-        lambda ctx: ctx.refcount_order == 5,
-        Array(lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order, Int32ub),
+        lambda ctx: ctx._params.refcount_order == 5,
+        Array(lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order, Int32ub),
     ),
     "refcounts_64"
     / If(
-        lambda ctx: ctx.refcount_order == 6,
-        Array(lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order, Int64ub),
+        lambda ctx: ctx._params.refcount_order == 6,
+        Array(lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order, Int64ub),
     ),
-    "num_entries" / Computed(lambda ctx: 1 << ctx.cluster_bits + 3 - ctx.refcount_order),
+    "num_entries"
+    / Computed(lambda ctx: 1 << ctx._params.cluster_bits + 3 - ctx._params.refcount_order),
 )
 
 SnapshotEntry: Any = Struct(

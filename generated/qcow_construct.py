@@ -95,13 +95,15 @@ L1Entry: Any = Struct(
 L2Entry: Any = BitStruct("compressed" / Flag, "ofs_cluster" / BitsInteger(63))
 
 L2Table: Any = Struct(
-    "entries" / Array(lambda ctx: 1 << ctx.l2_bits, LazyBound(lambda: L2Entry)),
+    "entries" / Array(lambda ctx: 1 << ctx._params.l2_bits, LazyBound(lambda: L2Entry)),
 )
 
 CompressedDescriptor: Any = Struct(
     "raw" / Int64ub,
-    "num_offset_bits" / Computed(lambda ctx: 63 - ctx.cluster_bits),
-    "ofs_compressed" / Computed(lambda ctx: ctx.raw & (1 << (63 - ctx.cluster_bits)) - 1),
+    "num_offset_bits" / Computed(lambda ctx: 63 - ctx._params.cluster_bits),
+    "ofs_compressed" / Computed(lambda ctx: ctx.raw & (1 << (63 - ctx._params.cluster_bits)) - 1),
     "len_compressed"
-    / Computed(lambda ctx: ctx.raw >> (63 - ctx.cluster_bits) & (1 << ctx.cluster_bits) - 1),
+    / Computed(
+        lambda ctx: ctx.raw >> (63 - ctx._params.cluster_bits) & (1 << ctx._params.cluster_bits) - 1
+    ),
 )

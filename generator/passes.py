@@ -12,7 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import filters as F
-from .expr import Attr, BinOp, Bool, Cond, EnumLit, ExprError, Name, Node, Num, Unary, render
+from .expr import (
+    Attr,
+    BinOp,
+    Bool,
+    Cond,
+    EnumLit,
+    ExprError,
+    Name,
+    Node,
+    Num,
+    Unary,
+    names_used,
+    render,
+)
 from .model import Field, Instance, ModelError, Spec, TypeDef, TypeRef
 
 __all__ = ["PASSES", "Code", "TypeCode", "run_passes"]
@@ -183,10 +196,14 @@ def _enum_lit(scope: Scope, lit: EnumLit) -> str:
 
 
 def _member(scope: Scope, t: TypeDef, base: str, ident: str) -> tuple[str, TypeDef | None]:
+    # In a parser, the current type's fields are locals and its value instances are expanded;
+    # anything reached through another object (a parsed child) uses its properties.
+    own = t is scope.typedef and base == scope.base
     f = _field(t, ident)
     if f is not None:
         code = f"{base}{ident}"
-        if scope.wrap_optional and f.cond is not None:
+        wrap = scope.wrap_optional or (not own and not scope.construct)
+        if wrap and f.cond is not None:
             code = (
                 f"required({code}, _SPEC, {f.path!r}, {F.class_name(t.id)!r}, {ident!r})"
             )
@@ -195,10 +212,10 @@ def _member(scope: Scope, t: TypeDef, base: str, ident: str) -> tuple[str, TypeD
             child = scope.spec.types.get(f.type.user)
         return code, child
     if any(p.id == ident for p in t.params):
-        return f"{base}{ident}", None
+        return ("ctx._params." if scope.construct else base) + ident, None
     inst = _instance(t, ident)
     if inst is not None and inst.value is not None:
-        if scope.inline:
+        if scope.inline and (own or scope.construct):
             inner = expr(inst.value, scope.at(t, base))
             simple = inner.replace(".", "").replace("_", "").isalnum()
             return (inner if simple else f"({inner})"), None
@@ -375,7 +392,7 @@ class _Lower:
     # scopes -------------------------------------------------------------------------------
 
     def parse_scope(self, t: TypeDef) -> Scope:
-        return Scope(self.spec, t, "o.", "_root", "_parent", eof="(pos >= end)")
+        return Scope(self.spec, t, "v_", "_root", "_parent", eof="(pos >= end)")
 
     def build_scope(self, t: TypeDef, base: str = "self.") -> Scope:
         return Scope(
@@ -411,6 +428,11 @@ class _Lower:
                 default = "None"
             doc = F.docstring(self.field_doc(f), 4)
             tc.fields.append(FieldCode(f.id, F.field_annotation(self.spec, f), default, doc))
+        for f in t.seq:
+            if f.contents is not None:
+                tc.constants.append(
+                    f"{F.const_name(f.id)}_CONTENTS: ClassVar[bytes] = {f.contents!r}"
+                )
         size = _static_size(self.spec, t)
         if size is not None:
             tc.constants.append(f"SIZE: ClassVar[int] = {size}")
@@ -537,11 +559,12 @@ class _Lower:
 
     def lower_parse(self, t: TypeDef, tc: TypeCode) -> None:
         scope = self.parse_scope(t)
-        lines = ["o: Any = Ns()"]
-        if t is self.spec.root:
-            lines.append("_root = o")
-        for p in t.params:
-            lines.append(f"o.{p.id} = {p.id}")
+        lines = [f"v_{p.id} = {p.id}" for p in t.params]
+        lines += [
+            f"v_{f.id}: Any = None"
+            for f in t.seq
+            if f.cond is not None or f.type.kind == "switch"
+        ]
         for group in self.group(t):
             body: list[str] = []
             if self.scalar(group[0]):
@@ -555,7 +578,7 @@ class _Lower:
             else:
                 lines += body
         idents = [p.id for p in t.params] + [f.id for f in t.seq]
-        args = ", ".join(f"{i}=o.{i}" for i in idents)
+        args = ", ".join(f"{i}=v_{i}" for i in idents)
         lines.append(f"return cls({args}), pos")
         tc.parse = lines
 
@@ -570,9 +593,16 @@ class _Lower:
             ]
         lines += self.valid_lines(t, f, value, offset, scope)
         if f.flags:
-            lines.append(f"{value} = {F.class_name(f.flags)}({value})")
+            cls = F.class_name(f.flags)
+            tmp = f"_{f.id}"
+            lines += [
+                f"{tmp} = _FLAGS_{cls}.get({value})",
+                f"{value} = {tmp} if {tmp} is not None else flag_of({cls}, {value}, "
+                f"_FLAGS_{cls})",
+            ]
         elif f.enum:
-            lines.append(f"{value} = enum_or_int({F.class_name(f.enum)}, {value})")
+            cls = F.class_name(f.enum)
+            lines.append(f"{value} = _BY_VALUE_{cls}.get({value}, {value})")
         return lines
 
     def valid_lines(
@@ -621,13 +651,15 @@ class _Lower:
             size += n
         s = self.struct((">" if group[0].type.endian == "be" else "<") + "".join(chars))
         first = group[0]
-        targets = ", ".join(f"o.{f.id}" for f in group)
+        targets = ", ".join(f"{scope.base}{f.id}" for f in group)
         lines = [
-            f"need(buf, pos, {size}, end, {self.err_args(t, first)})",
+            f"if pos + {size} > end:",
+            f"    need(buf, pos, {size}, end, {self.err_args(t, first)})",
             f"({targets},) = {s}.unpack_from(buf, pos)",
         ]
         for f, rel in zip(group, offsets, strict=True):
-            lines += self.post(t, f, f"o.{f.id}", f"pos + {rel}" if rel else "pos", scope)
+            at = f"pos + {rel}" if rel else "pos"
+            lines += self.post(t, f, f"{scope.base}{f.id}", at, scope)
         lines.append(f"pos += {size}")
         return lines
 
@@ -639,10 +671,27 @@ class _Lower:
         )
         if len(child.params) != len(f.type.args):
             raise ModelError(f"{self.spec.source} {f.path}: {name} takes {len(child.params)}")
-        return f"{F.class_name(child.id)}._parse(buf, pos, {end}, o, _root{args})"
+        parent = "None"
+        if self.uses_parent(child):
+            if scope.base == "o.":
+                parent = "o"
+            else:
+                here = [x.id for x in t.params] + [x.id for x in t.seq[: t.seq.index(f)]]
+                parent = "Ns.of(" + ", ".join(f"{i}=v_{i}" for i in here) + ")"
+        return f"{F.class_name(child.id)}._parse(buf, pos, {end}, {parent}, _root{args})"
+
+    def uses_parent(self, t: TypeDef) -> bool:
+        nodes: list[Node] = []
+        for f in t.seq:
+            nodes += [n for n in (f.cond, f.size, f.repeat_expr, f.repeat_until) if n]
+            if f.valid is not None and f.valid.expr is not None:
+                nodes.append(f.valid.expr)
+            if f.type.switch_on is not None:
+                nodes.append(f.type.switch_on)
+        return any("_parent" in names_used(n) for n in nodes)
 
     def parse_one(self, t: TypeDef, f: Field, scope: Scope) -> list[str]:
-        target = f"o.{f.id}"
+        target = f"{scope.base}{f.id}"
         ea = self.err_args(t, f)
         ref = f.type
         if f.repeat:
@@ -706,7 +755,7 @@ class _Lower:
         raise ModelError(f"{self.spec.source} {f.path}: repeat {f.repeat} of words")
 
     def parse_repeat(self, t: TypeDef, f: Field, scope: Scope) -> list[str]:
-        target = f"o.{f.id}"
+        target = f"{scope.base}{f.id}"
         ea = self.err_args(t, f)
         word = self.word_item(f.type)
         if word is not None and f.size is None:
@@ -772,7 +821,7 @@ class _Lower:
         elif f.repeat == "until":
             assert f.repeat_until is not None
             until_scope = Scope(
-                self.spec, t, "o.", "_root", "_parent", "_item",
+                self.spec, t, scope.base, "_root", "_parent", "_item",
                 self.spec.types.get(f.type.user), "(pos >= end)",
             )
             lines += [

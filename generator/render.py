@@ -21,6 +21,7 @@ _HELPERS = (
     "bits_to_bytes",
     "build_error",
     "enum_or_int",
+    "flag_of",
     "invalid",
     "need",
     "read_growing",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Callable
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import Any, BinaryIO, TypeVar
 
 from .errors import BuildError, StructError, TruncatedError, ValidationError
@@ -21,6 +21,7 @@ __all__ = [
     "bits_to_bytes",
     "build_error",
     "enum_or_int",
+    "flag_of",
     "invalid",
     "need",
     "read_growing",
@@ -42,7 +43,13 @@ _T = TypeVar("_T")
 
 
 class Ns:
-    """Scratch namespace a generated parser fills field by field (parents see it)."""
+    """Scratch namespace: what a child's ``_parent`` expressions see while parsing."""
+
+    @classmethod
+    def of(cls, **fields: Any) -> Ns:
+        ns = cls()
+        ns.__dict__.update(fields)
+        return ns
 
     def __getattr__(self, name: str) -> Any:
         # A field read before it exists: expressions see None, as Kaitai's do.
@@ -85,6 +92,18 @@ def enum_or_int(cls: type[_E], value: int) -> _E | int:
         return cls(value)
     except ValueError:
         return value
+
+
+_F = TypeVar("_F", bound=IntFlag)
+_FLAG_CACHE_LIMIT = 1024
+
+
+def flag_of(cls: type[_F], value: int, cache: dict[int, _F]) -> _F:
+    """The flag value for ``value`` (unknown bits kept), remembered in a bounded cache."""
+    flag = cls(value)
+    if len(cache) < _FLAG_CACHE_LIMIT:
+        cache[value] = flag
+    return flag
 
 
 def unpack_words(

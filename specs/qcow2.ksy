@@ -391,10 +391,10 @@ types:
   subcluster_bitmap:
     doc: The second word of an extended L2 entry; subcluster x is bit x and bit 32+x.
     seq:
-      - id: zero_mask
+      - id: reads_as_zero
         type: b32
         doc: Bit x set means subcluster x reads as zeros.
-      - id: alloc_mask
+      - id: allocated
         type: b32
         doc: Bit x set means subcluster x is allocated in this image.
 

@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from diskspec.generator.expr import Name, Node
+from diskspec.generator.expr import BinOp, Name, Node, Num
 from diskspec.generator.model import Field, Spec, TypeDef
 from diskspec.generator.passes import Scope, expr
 from diskspec.structbase import Ns
@@ -41,13 +41,38 @@ class _Ctx:
     bound: dict[str, str] = field(default_factory=dict)  # length field -> field it measures
 
 
+def _conjuncts(node: Node) -> list[Node]:
+    if isinstance(node, BinOp) and node.op == "and":
+        return _conjuncts(node.left) + _conjuncts(node.right)
+    return [node]
+
+
+def _expr_bounds(node: Node, lo: int, hi: int) -> tuple[int, int]:
+    """Tighten [lo, hi] by top-level ``_ >= N`` / ``_ <= N`` terms of a valid expression."""
+    for term in _conjuncts(node):
+        if isinstance(term, BinOp) and term.left == Name("_") and isinstance(term.right, Num):
+            n = term.right.value
+            if term.op == ">=":
+                lo = max(lo, n)
+            elif term.op == ">":
+                lo = max(lo, n + 1)
+            elif term.op == "<=":
+                hi = min(hi, n)
+            elif term.op == "<":
+                hi = min(hi, n - 1)
+    return lo, hi
+
+
 class StructDrawer:
     """Draws instances of the generated classes of one spec."""
 
-    def __init__(self, spec: Spec, module: ModuleType) -> None:
+    def __init__(
+        self, spec: Spec, module: ModuleType, overrides: dict[tuple[str, str], Any] | None = None
+    ) -> None:
         self.spec = spec
         self.module = module
         self.reached: set[str] = set()
+        self.overrides = overrides or {}  # (type id, field id) -> value to use
 
     # expressions ------------------------------------------------------------------------
 
@@ -105,7 +130,10 @@ class StructDrawer:
                 tail = f
                 setattr(o, f.id, b"")
                 continue
-            setattr(o, f.id, self.draw_field(draw, t, f, ctx))
+            if (t.id, f.id) in self.overrides:
+                setattr(o, f.id, self.overrides[(t.id, f.id)])
+            else:
+                setattr(o, f.id, self.draw_field(draw, t, f, ctx))
             for length, target in ctx.bound.items():
                 if target == f.id:
                     setattr(o, length, self.measure(t, f, ctx))
@@ -150,9 +178,15 @@ class StructDrawer:
             lo = max(lo, int(self.eval(v.min, t, ctx)))
         if v is not None and v.max is not None:
             hi = min(hi, int(self.eval(v.max, t, ctx)))
+        if v is not None and v.expr is not None:
+            lo, hi = _expr_bounds(v.expr, lo, hi)
         choices: list[st.SearchStrategy[int]] = [st.integers(lo, hi)]
         small_hi = min(hi, lo + 64)
         choices.append(st.integers(lo, small_hi))
+        # aligned sizes and offsets, as formats like them
+        typical = [x for x in range(0, 4097, 8) if lo <= x <= hi]
+        if typical:
+            choices.append(st.sampled_from(typical))
         if f.enum:
             members = [m.value for m in self.spec.enums[f.enum].members]
             choices.append(st.sampled_from([m for m in members if lo <= m <= hi] or [lo]))
@@ -198,8 +232,10 @@ class StructDrawer:
             key = self.eval(ref.switch_on, t, ctx)
             names = [n for k, n in ref.cases if self.eval(k, t, ctx) == key]
             if not names:
-                return draw(self.blob(size)) if size is not None else (
-                    draw(st.binary(max_size=48)) if f.size is not None else None
+                return (
+                    draw(self.blob(size))
+                    if size is not None
+                    else (draw(st.binary(max_size=48)) if f.size is not None else None)
                 )
         child = self.spec.types[names[0]]
         obj = self.draw_type(draw, child, ctx.o, ctx.root, size)
