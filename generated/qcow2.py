@@ -695,10 +695,8 @@ class Header:
                 pos + 20,
                 (
                     "cluster_bits >= 9 and cluster_bits <= 21 and "
-                    "(ofscluster_bitsbackingcluster_bitsfilecluster_bitsname == "
-                    "0 or ofscluster_bitsbackingcluster_bitsfilecluster_bitsname "
-                    "+ lencluster_bitsbackingcluster_bitsfilecluster_bitsname <= "
-                    "(1 << cluster_bits))"
+                    "(ofs_backing_file_name == 0 or ofs_backing_file_name + "
+                    "len_backing_file_name <= (1 << cluster_bits))"
                 ),
                 v_cluster_bits,
             )
@@ -720,10 +718,7 @@ class Header:
                 "Header",
                 "num_refcount_table_clusters",
                 pos + 56,
-                (
-                    "num_refcount_table_clusters << "
-                    "clusternum_refcount_table_clustersbits <= 8388608"
-                ),
+                "num_refcount_table_clusters << cluster_bits <= 8388608",
                 v_num_refcount_table_clusters,
             )
         if v_num_snapshots > 0x10000:
@@ -799,7 +794,7 @@ class Header:
                     pos + 28,
                     (
                         "len_header >= 104 and len_header % 8 == 0 and len_header <= "
-                        "(1 << clusterlen_headerbits)"
+                        "(1 << cluster_bits)"
                     ),
                     v_len_header,
                 )
@@ -1051,10 +1046,8 @@ class Header:
                 None,
                 (
                     "cluster_bits >= 9 and cluster_bits <= 21 and "
-                    "(ofscluster_bitsbackingcluster_bitsfilecluster_bitsname == "
-                    "0 or ofscluster_bitsbackingcluster_bitsfilecluster_bitsname "
-                    "+ lencluster_bitsbackingcluster_bitsfilecluster_bitsname <= "
-                    "(1 << cluster_bits))"
+                    "(ofs_backing_file_name == 0 or ofs_backing_file_name + "
+                    "len_backing_file_name <= (1 << cluster_bits))"
                 ),
                 self.cluster_bits,
             )
@@ -1075,10 +1068,7 @@ class Header:
                 "Header",
                 "num_refcount_table_clusters",
                 None,
-                (
-                    "num_refcount_table_clusters << "
-                    "clusternum_refcount_table_clustersbits <= 8388608"
-                ),
+                "num_refcount_table_clusters << cluster_bits <= 8388608",
                 self.num_refcount_table_clusters,
             )
         if self.num_snapshots > 0x10000:
@@ -1116,7 +1106,7 @@ class Header:
                     None,
                     (
                         "len_header >= 104 and len_header % 8 == 0 and len_header <= "
-                        "(1 << clusterlen_headerbits)"
+                        "(1 << cluster_bits)"
                     ),
                     self.len_header,
                 )
@@ -1194,7 +1184,7 @@ class Header:
                 "Header",
                 "incompatible_features",
             )
-            >> int(IncompatibleFeature.EXTENDED_L2)
+            >> 4
             & 1
             != 0
         )

@@ -258,6 +258,7 @@ L1Entry: Any = BitStruct(
     "reserved_high" / BitsInteger(7),
     "ofs_l2_table_div512" / BitsInteger(47),
     "reserved_low" / BitsInteger(9),
+    "ofs_l2_table" / Computed(lambda ctx: ctx.ofs_l2_table_div512 << 9),
 )
 
 L2Entry: Any = BitStruct(
@@ -267,6 +268,7 @@ L2Entry: Any = BitStruct(
     "ofs_cluster_div512" / BitsInteger(47),
     "reserved_low" / BitsInteger(8),
     "zero" / Flag,
+    "ofs_cluster" / Computed(lambda ctx: ctx.ofs_cluster_div512 << 9),
 )
 
 SubclusterBitmap: Any = BitStruct("reads_as_zero" / BitsInteger(32), "allocated" / BitsInteger(32))
@@ -318,7 +320,9 @@ CompressedDescriptor: Any = Struct(
 )
 
 RefcountTableEntry: Any = BitStruct(
-    "ofs_refcount_block_div512" / BitsInteger(55), "reserved" / BitsInteger(9)
+    "ofs_refcount_block_div512" / BitsInteger(55),
+    "reserved" / BitsInteger(9),
+    "ofs_refcount_block" / Computed(lambda ctx: ctx.ofs_refcount_block_div512 << 9),
 )
 
 RefcountBlock: Any = Struct(
@@ -439,6 +443,7 @@ BitmapTableEntry: Any = BitStruct(
     "ofs_data_div512" / BitsInteger(47),
     "reserved_low" / BitsInteger(8),
     "all_ones" / Flag,
+    "ofs_data" / Computed(lambda ctx: ctx.ofs_data_div512 << 9),
 )
 
 LuksHeader: Any = Struct(

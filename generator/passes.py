@@ -8,6 +8,7 @@ the dataclass module and for the construct module.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -190,7 +191,8 @@ def _enum_lit(scope: Scope, lit: EnumLit) -> str:
     member = next((m for m in enum.members if m.id == lit.member), None)
     if member is None:
         raise ExprError(f"unknown enum member {lit.enum}::{lit.member}")
-    if scope.construct:
+    if scope.construct or enum.as_flags:
+        # a flag set's enum names bit numbers (Kaitai's meaning), not the flag values
         return hex(member.value) if member.value > 255 else str(member.value)
     return f"{F.class_name(enum.id)}.{F.enum_member(member.id)}"
 
@@ -628,8 +630,7 @@ class _Lower:
         if v.max is not None:
             tests.append((f"{value} > {expr(v.max, item)}", "<= " + _kaitai_text(v.max)))
         if v.expr is not None:
-            tests.append((expr(Unary("not", v.expr), item), v.text.replace("_", f.id)
-                          if v.text.count("_ ") else v.text))
+            tests.append((expr(Unary("not", v.expr), item), re.sub(r"\b_\b", f.id, v.text)))
         out = []
         for test, text in tests:
             out += [
@@ -1194,8 +1195,15 @@ def pass_lower_construct(spec: Spec, code: Code) -> None:
                 f'"{f.id}" / ' + ("Flag" if f.type.width == 1 else f"BitsInteger({f.type.width})")
                 for f in t.seq
             ]
-            if t.bit_endian == "le":
+            lsb_first = t.bit_endian == "le"
+            if lsb_first:
                 fields.reverse()
+            fields += [
+                f'"{i.id}" / Computed(lambda ctx: {expr(i.value, scope)})'
+                for i in t.instances
+                if i.value is not None
+            ]
+            if lsb_first:
                 body = f"ByteSwapped(BitStruct({', '.join(fields)}))"
             else:
                 body = f"BitStruct({', '.join(fields)})"
