@@ -40,7 +40,7 @@ lint: $(INSTALLED)
 # out as the installed package is.
 typecheck: $(INSTALLED)
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/diskspec
-	for f in runtime/*.py runtime/py.typed; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/diskspec/; done
+	for f in runtime/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/diskspec/; done
 	for d in generated generator; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/diskspec/$$d; done
 	cd $(TYPECHECK) && "$(CURDIR)/$(VENV)/bin/mypy" --config-file "$(CURDIR)/pyproject.toml" \
 	  -p diskspec

@@ -7,15 +7,37 @@ The on-disk structures are generated from the Kaitai Struct specs in specs/ into
 
 from __future__ import annotations
 
+import os as _os
+
 from .errors import BuildError, FormatError, StructError, TruncatedError, ValidationError
+from .image import Extent, Image, ImageError, UsageError
 
 __all__ = [
     "BuildError",
+    "Extent",
     "FormatError",
+    "Image",
+    "ImageError",
     "StructError",
     "TruncatedError",
+    "UsageError",
     "ValidationError",
     "__version__",
+    "open",
 ]
 
 __version__ = "0.1.0"
+
+
+def open(
+    path: str | _os.PathLike[str], mode: str = "r", fmt: str | None = None, *, backing: bool = True
+) -> Image:
+    """Open a disk image.
+
+    ``mode`` is "r" (nothing is ever written) or "r+". ``fmt`` is "raw", "qcow2", "qcow" or
+    "fvd"; None reads it from the magic, and a file with no known magic is raw.
+    ``backing=False`` opens the image alone, never touching the files it names.
+    """
+    from .opener import open_image
+
+    return open_image(path, mode, fmt, backing=backing)

@@ -1,0 +1,104 @@
+"""``diskspec.open``: format detection from the magic, and safe backing chains.
+
+Names of backing and data files are opaque paths resolved against the folder of the image
+that names them; they are never taken as protocols or JSON. A backing file whose format the
+image does not record is opened as raw, never probed (qcow.md E.1). Chains are bounded and
+loops are an error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from .generated import fvd, qcow, qcow2
+from .image import Image, ImageError, RawImage, UsageError
+
+__all__ = ["MAX_CHAIN", "detect_format", "open_image"]
+
+MAX_CHAIN = 16
+FORMATS = ("raw", "qcow2", "qcow", "fvd")
+
+
+def detect_format(f: BinaryIO) -> str:
+    """The format of an image from its first bytes; anything unknown is raw."""
+    f.seek(0)
+    head = f.read(8)
+    f.seek(0)
+    if head[:4] == qcow.Header.MAGIC_CONTENTS == qcow2.Header.MAGIC_CONTENTS and len(head) == 8:
+        version = int.from_bytes(head[4:8], "big")
+        return "qcow" if version == 1 else "qcow2"
+    if head[:4] == fvd.Header.MAGIC_CONTENTS:
+        return "fvd"
+    return "raw"
+
+
+def _resolve(name: bytes, image: Path) -> Path:
+    if b"\0" in name:
+        raise ImageError(f"{image}: referenced file name contains a NUL byte")
+    path = Path(os.fsdecode(name))
+    return path if path.is_absolute() else image.parent / path
+
+
+def open_image(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    fmt: str | None = None,
+    *,
+    backing: bool = True,
+    _seen: tuple[tuple[int, int], ...] = (),
+) -> Image:
+    """Open an image; see :func:`diskspec.open`."""
+    if mode not in ("r", "r+"):
+        raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
+    p = Path(path)
+    f: BinaryIO = p.open("r+b" if mode == "r+" else "rb")
+    try:
+        st = os.fstat(f.fileno())
+        ident = (st.st_dev, st.st_ino)
+        if ident in _seen:
+            raise ImageError(f"{p}: backing file creates an infinite loop")
+        if len(_seen) >= MAX_CHAIN:
+            raise ImageError(f"{p}: backing chain is longer than {MAX_CHAIN} images")
+        seen = (*_seen, ident)
+        kind = fmt or detect_format(f)
+        if kind not in FORMATS:
+            raise ImageError(f"Unknown driver '{kind}'")
+        if kind == "raw":
+            return RawImage(p, f, mode == "r+")
+        if kind == "qcow2":
+            return _open_qcow2(p, f, mode, backing, seen)
+        raise ImageError(f"{p}: {kind} images are not supported yet")
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open_qcow2(
+    p: Path, f: BinaryIO, mode: str, backing: bool, seen: tuple[tuple[int, int], ...]
+) -> Image:
+    from .qcow2.image import Qcow2Image
+
+    head = Qcow2Image.load_header(f)
+    if mode == "r+" and head.corrupt:
+        raise ImageError(f"{p}: qcow2: Image is corrupt; cannot be opened read/write")
+    base: Image | None = None
+    data: BinaryIO | None = None
+    try:
+        if backing and head.backing_file is not None:
+            base = open_image(
+                _resolve(head.backing_file, p), "r", head.backing_format or "raw", _seen=seen
+            )
+        if head.has_data_file:
+            if head.data_file is None:
+                raise ImageError(f"{p}: 'data-file' is required for this image")
+            if backing:
+                data = _resolve(head.data_file, p).open("r+b" if mode == "r+" else "rb")
+        return Qcow2Image(p, f, mode == "r+", head, base, data)
+    except BaseException:
+        if base is not None:
+            base.close()
+        if data is not None:
+            data.close()
+        raise
