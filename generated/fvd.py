@@ -109,6 +109,7 @@ class Fvd:
     """
 
     SPEC_PATH: ClassVar[str] = "/"
+    HEADER_AT: ClassVar[int] = 0
     SIZE: ClassVar[int] = 4336
 
     header: Header
@@ -243,6 +244,47 @@ class Header:
 
     SPEC_PATH: ClassVar[str] = "/types/header"
     MAGIC_CONTENTS: ClassVar[bytes] = b"\xa9\xf5CQ"
+    MAGIC_AT: ClassVar[int] = 0
+    VERSION_AT: ClassVar[int] = 4
+    ALL_DATA_IN_FVD_IMG_AT: ClassVar[int] = 8
+    LEN_VIRTUAL_DISK_AT: ClassVar[int] = 12
+    LEN_METADATA_AT: ClassVar[int] = 20
+    BASE_IMG_AT: ClassVar[int] = 28
+    BASE_IMG_FMT_AT: ClassVar[int] = 1052
+    LEN_BASE_IMG_AT: ClassVar[int] = 1068
+    OFS_BITMAP_AT: ClassVar[int] = 1076
+    LEN_BITMAP_AT: ClassVar[int] = 1084
+    BLOCK_SIZE_AT: ClassVar[int] = 1092
+    COPY_ON_READ_AT: ClassVar[int] = 1096
+    MAX_OUTSTANDING_COPY_ON_READ_DATA_AT: ClassVar[int] = 1100
+    DATA_FILE_AT: ClassVar[int] = 1108
+    DATA_FILE_FMT_AT: ClassVar[int] = 2132
+    PREFETCH_START_DELAY_AT: ClassVar[int] = 2148
+    OFS_PREFETCH_PROFILE_AT: ClassVar[int] = 2152
+    NUM_PREFETCH_PROFILE_ENTRIES_AT: ClassVar[int] = 2160
+    NUM_PREFETCH_SLOTS_AT: ClassVar[int] = 2168
+    BYTES_PER_PREFETCH_AT: ClassVar[int] = 2172
+    PREFETCH_READ_THROUGHPUT_MEASURE_TIME_AT: ClassVar[int] = 2176
+    PREFETCH_WRITE_THROUGHPUT_MEASURE_TIME_AT: ClassVar[int] = 2180
+    PREFETCH_PERF_CALC_ALPHA_AT: ClassVar[int] = 2184
+    PREFETCH_MIN_READ_THROUGHPUT_AT: ClassVar[int] = 2188
+    PREFETCH_MIN_WRITE_THROUGHPUT_AT: ClassVar[int] = 2192
+    PREFETCH_MAX_READ_THROUGHPUT_AT: ClassVar[int] = 2196
+    PREFETCH_MAX_WRITE_THROUGHPUT_AT: ClassVar[int] = 2200
+    PREFETCH_THROTTLE_TIME_AT: ClassVar[int] = 2204
+    COMPACT_IMAGE_AT: ClassVar[int] = 2208
+    OFS_TABLE_AT: ClassVar[int] = 2212
+    CHUNK_SIZE_AT: ClassVar[int] = 2220
+    STORAGE_GROW_UNIT_AT: ClassVar[int] = 2228
+    ADD_STORAGE_CMD_AT: ClassVar[int] = 2236
+    OFS_JOURNAL_AT: ClassVar[int] = 4284
+    LEN_JOURNAL_AT: ClassVar[int] = 4292
+    CLEAN_SHUTDOWN_AT: ClassVar[int] = 4300
+    NEED_ZERO_INIT_AT: ClassVar[int] = 4304
+    GENERATE_PREFETCH_PROFILE_AT: ClassVar[int] = 4308
+    UNIT_OF_PREFETCH_PROFILE_ENTRY_LEN_AT: ClassVar[int] = 4312
+    PROFILE_DIRECTED_PREFETCH_START_DELAY_AT: ClassVar[int] = 4316
+    WRITE_UPDATES_BASE_IMG_AT: ClassVar[int] = 4320
     SIZE: ClassVar[int] = 4336
 
     magic: bytes = b"\xa9\xf5CQ"
@@ -999,6 +1041,7 @@ class JournalSector:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/journal_sector"
+    RECORDS_AT: ClassVar[int] = 0
 
     records: list[JournalRecord]
     """
@@ -1092,6 +1135,8 @@ class JournalRecord:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/journal_record"
+    RECORD_TYPE_AT: ClassVar[int] = 0
+    BODY_AT: ClassVar[int] = 4
 
     record_type: JournalRecordType | int
     """
@@ -1189,6 +1234,8 @@ class BitmapRecord:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/bitmap_record"
+    NUM_SECTORS_AT: ClassVar[int] = 0
+    FIRST_SECTOR_AT: ClassVar[int] = 4
     SIZE: ClassVar[int] = 12
 
     num_sectors: int
@@ -1277,6 +1324,9 @@ class TableRecord:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/table_record"
+    FIRST_CHUNK_AT: ClassVar[int] = 0
+    NUM_ENTRIES_AT: ClassVar[int] = 4
+    ENTRIES_AT: ClassVar[int] = 8
 
     first_chunk: int
     """

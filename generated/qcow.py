@@ -81,6 +81,7 @@ class Qcow:
     """
 
     SPEC_PATH: ClassVar[str] = "/"
+    HEADER_AT: ClassVar[int] = 0
     SIZE: ClassVar[int] = 48
 
     header: Header
@@ -191,6 +192,17 @@ class Header:
 
     SPEC_PATH: ClassVar[str] = "/types/header"
     MAGIC_CONTENTS: ClassVar[bytes] = b"QFI\xfb"
+    MAGIC_AT: ClassVar[int] = 0
+    VERSION_AT: ClassVar[int] = 4
+    OFS_BACKING_FILE_NAME_AT: ClassVar[int] = 8
+    LEN_BACKING_FILE_NAME_AT: ClassVar[int] = 16
+    MTIME_AT: ClassVar[int] = 20
+    LEN_VIRTUAL_DISK_AT: ClassVar[int] = 24
+    CLUSTER_BITS_AT: ClassVar[int] = 32
+    L2_BITS_AT: ClassVar[int] = 33
+    PADDING_AT: ClassVar[int] = 34
+    CRYPT_METHOD_AT: ClassVar[int] = 36
+    OFS_L1_TABLE_AT: ClassVar[int] = 40
     SIZE: ClassVar[int] = 48
 
     magic: bytes = b"QFI\xfb"
@@ -513,6 +525,7 @@ class L1Entry:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/l1_entry"
+    OFS_L2_TABLE_AT: ClassVar[int] = 0
     SIZE: ClassVar[int] = 8
 
     ofs_l2_table: int
@@ -682,6 +695,7 @@ class L2Table:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/l2_table"
+    ENTRIES_AT: ClassVar[int] = 0
 
     l2_bits: int
     """
@@ -765,6 +779,7 @@ class CompressedDescriptor:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/compressed_descriptor"
+    RAW_AT: ClassVar[int] = 0
     SIZE: ClassVar[int] = 8
 
     cluster_bits: int

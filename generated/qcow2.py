@@ -323,6 +323,7 @@ class Qcow2:
     """
 
     SPEC_PATH: ClassVar[str] = "/"
+    HEADER_AT: ClassVar[int] = 0
 
     header: Header
     """
@@ -496,6 +497,27 @@ class Header:
 
     SPEC_PATH: ClassVar[str] = "/types/header"
     MAGIC_CONTENTS: ClassVar[bytes] = b"QFI\xfb"
+    MAGIC_AT: ClassVar[int] = 0
+    VERSION_AT: ClassVar[int] = 4
+    OFS_BACKING_FILE_NAME_AT: ClassVar[int] = 8
+    LEN_BACKING_FILE_NAME_AT: ClassVar[int] = 16
+    CLUSTER_BITS_AT: ClassVar[int] = 20
+    LEN_VIRTUAL_DISK_AT: ClassVar[int] = 24
+    CRYPT_METHOD_AT: ClassVar[int] = 32
+    NUM_L1_ENTRIES_AT: ClassVar[int] = 36
+    OFS_L1_TABLE_AT: ClassVar[int] = 40
+    OFS_REFCOUNT_TABLE_AT: ClassVar[int] = 48
+    NUM_REFCOUNT_TABLE_CLUSTERS_AT: ClassVar[int] = 56
+    NUM_SNAPSHOTS_AT: ClassVar[int] = 60
+    OFS_SNAPSHOT_TABLE_AT: ClassVar[int] = 64
+    INCOMPATIBLE_FEATURES_AT: ClassVar[int] = 72
+    COMPATIBLE_FEATURES_AT: ClassVar[int] = 80
+    AUTOCLEAR_FEATURES_AT: ClassVar[int] = 88
+    REFCOUNT_ORDER_AT: ClassVar[int] = 96
+    LEN_HEADER_AT: ClassVar[int] = 100
+    COMPRESSION_TYPE_AT: ClassVar[int] = 104
+    PADDING_AT: ClassVar[int] = 105
+    UNKNOWN_HEADER_FIELDS_AT: ClassVar[int] = 112
 
     magic: bytes = b"QFI\xfb"
     """
@@ -1219,6 +1241,7 @@ class HeaderExtensionArea:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/header_extension_area"
+    EXTENSIONS_AT: ClassVar[int] = 0
 
     extensions: list[HeaderExtension]
     """
@@ -1309,6 +1332,9 @@ class HeaderExtension:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/header_extension"
+    EXT_TYPE_AT: ClassVar[int] = 0
+    LEN_DATA_AT: ClassVar[int] = 4
+    DATA_AT: ClassVar[int] = 8
 
     ext_type: HeaderExtensionType | int
     """
@@ -1463,6 +1489,7 @@ class ExtBackingFileFormat:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/ext_backing_file_format"
+    NAME_AT: ClassVar[int] = 0
 
     name: bytes
     """
@@ -1529,6 +1556,7 @@ class ExtExternalDataFile:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/ext_external_data_file"
+    NAME_AT: ClassVar[int] = 0
 
     name: bytes
     """
@@ -1595,6 +1623,7 @@ class ExtFeatureNameTable:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/ext_feature_name_table"
+    ENTRIES_AT: ClassVar[int] = 0
 
     entries: list[FeatureNameEntry]
     """
@@ -1676,6 +1705,9 @@ class FeatureNameEntry:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/feature_name_entry"
+    FEATURE_TYPE_AT: ClassVar[int] = 0
+    BIT_AT: ClassVar[int] = 1
+    NAME_AT: ClassVar[int] = 2
     SIZE: ClassVar[int] = 48
 
     feature_type: FeatureType | int
@@ -1800,6 +1832,10 @@ class ExtBitmaps:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/ext_bitmaps"
+    NUM_BITMAPS_AT: ClassVar[int] = 0
+    RESERVED_AT: ClassVar[int] = 4
+    LEN_BITMAP_DIRECTORY_AT: ClassVar[int] = 8
+    OFS_BITMAP_DIRECTORY_AT: ClassVar[int] = 16
     SIZE: ClassVar[int] = 24
 
     num_bitmaps: int
@@ -2017,6 +2053,8 @@ class ExtFullDiskEncryption:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/ext_full_disk_encryption"
+    OFS_ENCRYPTION_HEADER_AT: ClassVar[int] = 0
+    LEN_ENCRYPTION_HEADER_AT: ClassVar[int] = 8
     SIZE: ClassVar[int] = 16
 
     ofs_encryption_header: int
@@ -2544,6 +2582,8 @@ class L2EntryExtended:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/l2_entry_extended"
+    ENTRY_AT: ClassVar[int] = 0
+    SUBCLUSTERS_AT: ClassVar[int] = 8
     SIZE: ClassVar[int] = 16
 
     entry: L2Entry
@@ -2617,6 +2657,7 @@ class L2Table:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/l2_table"
+    ENTRIES_AT: ClassVar[int] = 0
 
     cluster_bits: int
     """
@@ -2793,6 +2834,7 @@ class CompressedDescriptor:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/compressed_descriptor"
+    RAW_AT: ClassVar[int] = 0
     SIZE: ClassVar[int] = 8
 
     cluster_bits: int
@@ -3029,6 +3071,7 @@ class RefcountBlock:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/refcount_block"
+    REFCOUNTS_1_AT: ClassVar[int] = 0
 
     cluster_bits: int
     """
@@ -3489,6 +3532,16 @@ class SnapshotEntry:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/snapshot_entry"
+    OFS_L1_TABLE_AT: ClassVar[int] = 0
+    NUM_L1_ENTRIES_AT: ClassVar[int] = 8
+    LEN_ID_AT: ClassVar[int] = 12
+    LEN_NAME_AT: ClassVar[int] = 14
+    DATE_SEC_AT: ClassVar[int] = 16
+    DATE_NSEC_AT: ClassVar[int] = 20
+    VM_CLOCK_NSEC_AT: ClassVar[int] = 24
+    LEN_VM_STATE_32_AT: ClassVar[int] = 32
+    LEN_EXTRA_DATA_AT: ClassVar[int] = 36
+    EXTRA_DATA_AT: ClassVar[int] = 40
 
     ofs_l1_table: int
     """
@@ -3788,6 +3841,10 @@ class SnapshotExtraData:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/snapshot_extra_data"
+    LEN_VM_STATE_AT: ClassVar[int] = 0
+    LEN_VIRTUAL_DISK_AT: ClassVar[int] = 8
+    ICOUNT_AT: ClassVar[int] = 16
+    UNKNOWN_AT: ClassVar[int] = 24
 
     len_vm_state: int | None = None
     """
@@ -3974,6 +4031,7 @@ class BitmapDirectory:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/bitmap_directory"
+    ENTRIES_AT: ClassVar[int] = 0
 
     entries: list[BitmapDirectoryEntry]
     """
@@ -4055,6 +4113,14 @@ class BitmapDirectoryEntry:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/bitmap_directory_entry"
+    OFS_BITMAP_TABLE_AT: ClassVar[int] = 0
+    NUM_BITMAP_TABLE_ENTRIES_AT: ClassVar[int] = 8
+    FLAGS_AT: ClassVar[int] = 12
+    BITMAP_TYPE_AT: ClassVar[int] = 16
+    GRANULARITY_BITS_AT: ClassVar[int] = 17
+    LEN_NAME_AT: ClassVar[int] = 18
+    LEN_EXTRA_DATA_AT: ClassVar[int] = 20
+    EXTRA_DATA_AT: ClassVar[int] = 24
 
     ofs_bitmap_table: int
     """
@@ -4519,6 +4585,18 @@ class LuksHeader:
 
     SPEC_PATH: ClassVar[str] = "/types/luks_header"
     MAGIC_CONTENTS: ClassVar[bytes] = b"LUKS\xba\xbe"
+    MAGIC_AT: ClassVar[int] = 0
+    VERSION_AT: ClassVar[int] = 6
+    CIPHER_NAME_AT: ClassVar[int] = 8
+    CIPHER_MODE_AT: ClassVar[int] = 40
+    HASH_SPEC_AT: ClassVar[int] = 72
+    OFS_PAYLOAD_SECTORS_AT: ClassVar[int] = 104
+    LEN_KEY_AT: ClassVar[int] = 108
+    MK_DIGEST_AT: ClassVar[int] = 112
+    MK_DIGEST_SALT_AT: ClassVar[int] = 132
+    MK_DIGEST_ITERATIONS_AT: ClassVar[int] = 164
+    UUID_AT: ClassVar[int] = 168
+    KEY_SLOTS_AT: ClassVar[int] = 208
 
     magic: bytes = b"LUKS\xba\xbe"
     """
@@ -4795,6 +4873,11 @@ class LuksKeySlot:
     """
 
     SPEC_PATH: ClassVar[str] = "/types/luks_key_slot"
+    ACTIVE_AT: ClassVar[int] = 0
+    ITERATIONS_AT: ClassVar[int] = 4
+    SALT_AT: ClassVar[int] = 8
+    OFS_KEY_MATERIAL_SECTORS_AT: ClassVar[int] = 40
+    NUM_STRIPES_AT: ClassVar[int] = 44
     SIZE: ClassVar[int] = 48
 
     active: LuksKeySlotState | int

@@ -435,6 +435,15 @@ class _Lower:
                 tc.constants.append(
                     f"{F.const_name(f.id)}_CONTENTS: ClassVar[bytes] = {f.contents!r}"
                 )
+        if not t.packed_width:
+            # byte offsets of fields whose position is static (when present at all)
+            at = 0
+            for f in t.seq:
+                size = None if f.repeat else _fixed_size(self.spec, f)
+                tc.constants.append(f"{F.const_name(f.id)}_AT: ClassVar[int] = {at}")
+                if size is None:
+                    break
+                at += size
         size = _static_size(self.spec, t)
         if size is not None:
             tc.constants.append(f"SIZE: ClassVar[int] = {size}")

@@ -18,6 +18,7 @@ from ..compress import inflate_cluster, unzstd_cluster
 from ..generated import qcow2 as q
 from ..image import Image, ImageError, UsageError
 from .header import Qcow2Header, load_header
+from .write import Qcow2Writer
 
 __all__ = ["Qcow2Image", "SnapshotInfo"]
 
@@ -53,7 +54,7 @@ class SnapshotInfo:
     l1_size: int
 
 
-class Qcow2Image(Image):
+class Qcow2Image(Qcow2Writer, Image):
     """A qcow2 image, or a read-only view of one of its snapshots."""
 
     fmt = "qcow2"
@@ -78,6 +79,7 @@ class Qcow2Image(Image):
         self._l2_cache: LruCache[int, array[int]] = LruCache(L2_CACHE_BYTES // head.cluster_size)
         self._zcache: LruCache[int, bytes] = LruCache(COMPRESSED_CACHE_BYTES // head.cluster_size)
         self._snapshot: SnapshotInfo | None = None
+        self._writer_init()
 
     @classmethod
     def load_header(cls, f: BinaryIO) -> Qcow2Header:
@@ -95,7 +97,7 @@ class Qcow2Image(Image):
             raise ImageError(
                 f"{self.path}: L2 table offset {offset:#x} unaligned (L1 index: {l1_index})"
             )
-        return self._l2_cache.get(offset, self._read_l2)
+        return self._table(offset)
 
     def _read_l2(self, offset: int) -> array[int]:
         data = self._host_read(self._f, self.cluster_size, offset)
@@ -333,7 +335,10 @@ class Qcow2Image(Image):
             self.closed = True  # a snapshot view shares its image's files
             return
         if not self.closed:
-            super().close()
+            try:
+                self._close_writer()
+            finally:
+                super().close()
             if self._data is not None:
                 self._data.close()
             if self.backing is not None:

@@ -1,0 +1,417 @@
+"""qcow2 write path: allocation, copy-on-write, zero writes, discard, in qemu's safe order.
+
+Nothing reaches the disk in an order that could leave a reference to a cluster whose refcount
+is 0 (qcow.md C.2):
+
+1. guest data goes to its (new) clusters straight away;
+2. at :meth:`flush`, refcount increments (and new refcount blocks, and a moved refcount table
+   with its header switch) are written and synced first;
+3. then the L2 tables and L1 entries that reference the new clusters, synced;
+4. only then the decrements of clusters those tables stopped referencing, synced.
+
+A crash at any point leaves at worst leaked clusters. Freed clusters are not reused before step
+4, and dirty L2 tables stay pinned in memory until step 3.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from ..generated import qcow2 as q
+from ..image import ImageError, UsageError
+from ..structbase import words_to_bytes
+from .refcount import Refcounts
+
+if TYPE_CHECKING:
+    from ..cache import LruCache
+    from .header import Qcow2Header
+
+__all__ = ["Qcow2Writer"]
+
+L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
+L1_COPIED = q.L1Entry.COPIED_MASK
+L2_COPIED = q.L2Entry.COPIED_MASK
+L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
+L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
+L2_ZERO = q.L2Entry.ZERO_MASK
+SUB_ALLOC = q.SubclusterBitmap.ALLOCATED_MASK
+SUB_ZERO_SHIFT = q.SubclusterBitmap.READS_AS_ZERO_SHIFT
+SUB_ZERO = q.SubclusterBitmap.READS_AS_ZERO_MASK
+SUBCLUSTERS = SUB_ZERO_SHIFT
+H = q.Header
+
+
+class Qcow2Writer:
+    """The write half of Qcow2Image (mixed in; uses the image's tables and caches)."""
+
+    path: Path
+    size: int
+    cluster_size: int
+    head: Qcow2Header
+    writable: bool
+    _f: BinaryIO
+    _data: BinaryIO | None
+    _l1: array[int]
+    _l2_cache: LruCache[int, array[int]]
+
+    def _read(self, n: int, offset: int) -> bytes:
+        raise NotImplementedError
+
+    def _read_l2(self, offset: int) -> array[int]:
+        raise NotImplementedError
+
+    # state ------------------------------------------------------------------------------------
+
+    def _writer_init(self) -> None:
+        self._rc: Refcounts | None = None
+        self._l2_dirty: dict[int, array[int]] = {}
+        self._l1_dirty: set[int] = set()
+        self._pending_free: list[int] = []  # clusters to decrement once unreferenced on disk
+        self._header_prepared = False
+        self._set_dirty_bit = False
+
+    def _refcounts(self) -> Refcounts:
+        if self._rc is None:
+            head = self.head
+            self._f.seek(0)
+            table = head.raw.read_refcount_table(self._f)
+            self._rc = Refcounts(
+                self._f, head.cluster_bits, head.refcount_order, table, head.refcount_table_offset
+            )
+        return self._rc
+
+    def _lazy(self) -> bool:
+        # Lazy refcounts allow stale refcounts while the dirty bit is set; this writer sets
+        # the bit as qemu does but still writes refcounts in the safe order.
+        return self.head.lazy_refcounts
+
+    def _prepare_header(self) -> None:
+        """Before the first change: clear unknown autoclear bits (and bitmaps, which this
+        writer does not keep), and set the dirty bit when refcounts are lazy."""
+        if self._header_prepared:
+            return
+        self._header_prepared = True
+        head = self.head
+        if head.version < 3:
+            return
+        autoclear = int(head.autoclear) & int(q.AutoclearFeature.DATA_FILE_RAW)
+        incompatible = int(head.incompatible)
+        if self._lazy():
+            incompatible |= int(q.IncompatibleFeature.DIRTY)
+            self._set_dirty_bit = True
+        if autoclear != int(head.autoclear) or incompatible != int(head.incompatible):
+            self._write_features(incompatible, autoclear)
+
+    def _write_features(self, incompatible: int, autoclear: int) -> None:
+        raw = self.head.raw.header
+        raw.incompatible_features = q.IncompatibleFeature(incompatible)
+        raw.autoclear_features = q.AutoclearFeature(autoclear)
+        self.head.incompatible = raw.incompatible_features
+        self.head.autoclear = raw.autoclear_features
+        self._write_header_range(H.INCOMPATIBLE_FEATURES_AT, H.REFCOUNT_ORDER_AT)
+
+    def _write_header_range(self, start: int, stop: int) -> None:
+        """Rewrite header bytes [start, stop) from the header object, and sync."""
+        data = self.head.raw.header.build()
+        os.pwrite(self._f.fileno(), data[start:stop], start)
+        os.fsync(self._f.fileno())
+
+    # tables -------------------------------------------------------------------------------------
+
+    def _table(self, offset: int) -> array[int]:
+        table = self._l2_dirty.get(offset)
+        if table is not None:
+            return table
+        return self._l2_cache.get(offset, self._read_l2)
+
+    def _writable_table(self, l1_index: int) -> tuple[int, array[int]]:
+        """The L2 table of ``l1_index``, allocated or copied so it may be changed in place."""
+        entry = self._l1[l1_index]
+        offset = entry & L1_OFFSET
+        if offset and entry & L1_COPIED:
+            table = self._table(offset)
+            self._l2_dirty[offset] = table
+            self._l2_cache.drop(offset)
+            return offset, table
+        rc = self._refcounts()
+        new = rc.allocate(1) * self.cluster_size
+        if offset:
+            table = array("Q", self._table(offset))
+            self._pending_free.append(offset // self.cluster_size)
+        else:
+            table = array("Q", bytes(self.cluster_size))
+        self._l2_dirty[new] = table
+        self._l1[l1_index] = new | L1_COPIED
+        self._l1_dirty.add(l1_index)
+        return new, table
+
+    # writes ---------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes, offset: int) -> None:
+        self._prepare_header()
+        cs = self.cluster_size
+        pos, end = offset, offset + len(data)
+        view = memoryview(data)
+        while pos < end:
+            cstart = pos - (pos % cs)
+            cend = min(end, cstart + cs)
+            self._write_cluster(cstart, pos, view[pos - offset : cend - offset])
+            pos = cend
+
+    def _guest_cluster(self, cstart: int) -> bytearray:
+        """What the guest reads in the cluster now (past the end of the disk: zeros)."""
+        n = min(self.cluster_size, self.size - cstart)
+        content = bytearray(self._read(n, cstart))
+        content += bytes(self.cluster_size - n)
+        return content
+
+    def _write_cluster(self, cstart: int, pos: int, chunk: memoryview) -> None:
+        head = self.head
+        cs = self.cluster_size
+        l1_index = cstart >> head.l1_shift
+        index = (cstart >> head.cluster_bits) & ((1 << head.l2_bits) - 1)
+        ext = head.extended_l2
+        slot = 2 * index if ext else index
+        # the current entry, before the table may be copied
+        l1e = self._l1[l1_index] & L1_OFFSET
+        entry = self._table(l1e)[slot] if l1e else 0
+        bitmap = self._table(l1e)[slot + 1] if l1e and ext else 0
+        inner = pos - cstart
+        full = inner == 0 and len(chunk) == cs
+        in_place = (
+            entry & L2_COPIED and not entry & L2_COMPRESSED and (entry & L2_OFFSET or self._data)
+        )
+        if in_place:
+            host = entry & L2_OFFSET
+            if ext:
+                bitmap = self._fill_subclusters(cstart, host, inner, len(chunk), bitmap)
+                self._host_write(host + inner, chunk)
+            elif entry & L2_ZERO and not full:
+                # a preallocated zero cluster: the unwritten bytes must read as zeros
+                content = bytearray(cs)
+                content[inner : inner + len(chunk)] = chunk
+                self._host_write(host, content)
+            else:
+                self._host_write(host + inner, chunk)
+            if ext or entry & L2_ZERO:
+                _, table = self._writable_table(l1_index)
+                table[slot] = entry & ~L2_ZERO
+                if ext:
+                    table[slot + 1] = bitmap
+            return
+        # copy-on-write: a new cluster with the old content around the written bytes
+        # with an external data file, guest and host offsets are the same (not refcounted)
+        host = cstart if self._data is not None else self._refcounts().allocate(1) * cs
+        if ext and not (entry & L2_OFFSET):
+            # unallocated before: only the subclusters written become allocated
+            bitmap = self._fill_subclusters(cstart, host, inner, len(chunk), bitmap & ~SUB_ALLOC)
+            self._host_write(host + inner, chunk)
+        else:
+            content = bytearray(chunk) if full else self._guest_cluster(cstart)
+            if not full:
+                content[inner : inner + len(chunk)] = chunk
+            self._host_write(host, content)
+            if ext:
+                bitmap = SUB_ALLOC
+        _, table = self._writable_table(l1_index)
+        old = table[slot]
+        table[slot] = host | L2_COPIED
+        if ext:
+            table[slot + 1] = bitmap
+        self._release(old)
+
+    def _fill_subclusters(self, cstart: int, host: int, inner: int, n: int, bitmap: int) -> int:
+        """Mark written subclusters allocated; fill the unwritten part of partial ones."""
+        sub = self.cluster_size // SUBCLUSTERS
+        first, last = inner // sub, (inner + n - 1) // sub
+        for s in sorted({first, last}):
+            if bitmap >> s & 1:
+                continue  # allocated already: its other bytes are in place
+            lo, hi = s * sub, (s + 1) * sub
+            if inner <= lo and inner + n >= hi:
+                continue
+            n_guest = max(0, min(sub, self.size - (cstart + lo)))
+            old = bytearray(self._read(n_guest, cstart + lo)) if n_guest else bytearray()
+            old += bytes(sub - len(old))
+            self._host_write(host + lo, old)
+        for s in range(first, last + 1):
+            bitmap |= 1 << s
+            bitmap &= ~(1 << (s + SUB_ZERO_SHIFT))
+        return bitmap
+
+    def _host_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        f = self._data if self._data is not None else self._f
+        os.pwrite(f.fileno(), data, offset)
+
+    def _release(self, entry: int) -> None:
+        """Queue the decrement of what an L2 entry referenced (after the tables are written)."""
+        if self._data is not None:
+            return
+        cs = self.cluster_size
+        if entry & L2_COMPRESSED:
+            desc = q.CompressedDescriptor(cluster_bits=self.head.cluster_bits, raw=entry)
+            first = desc.ofs_compressed // cs
+            last = (desc.ofs_compressed + desc.len_compressed_max - 1) // cs
+            self._pending_free.extend(range(first, last + 1))
+        elif entry & L2_OFFSET:
+            self._pending_free.append((entry & L2_OFFSET) // cs)
+
+    # zeroes and discard -------------------------------------------------------------------------
+
+    def write_zeroes(self, offset: int, n: int, unmap: bool = False) -> None:
+        """Make a range read as zeros; whole clusters become zero clusters on v3."""
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        self._check(n, offset)
+        self._prepare_header()
+        cs = self.cluster_size
+        pos, end = offset, offset + n
+        while pos < end:
+            cstart = pos - pos % cs
+            cend = min(end, cstart + cs)
+            whole = pos == cstart and (cend == cstart + cs or cend == self.size)
+            if whole and self.head.version >= 3:
+                self._zero_cluster(cstart, unmap)
+            else:
+                self._write(bytes(cend - pos), pos)
+            pos = cend
+
+    def discard(self, offset: int, n: int) -> None:
+        """Drop whole clusters (partial ones are left as they are, as qemu does)."""
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        self._check(n, offset)
+        head = self.head
+        if head.version < 3 and head.backing_file is not None:
+            raise UsageError(f"{self.path}: discard on a v2 image with a backing file would "
+                             "expose the backing file's data")
+        self._prepare_header()
+        cs = self.cluster_size
+        pos = offset + (-offset) % cs
+        end = offset + n
+        while pos < end:
+            cend = pos + cs
+            if cend <= end or end == self.size:
+                if head.version >= 3:
+                    self._zero_cluster(pos, unmap=True, discard=True)
+                else:
+                    self._set_entry(pos, 0, 0)
+            pos = cend
+
+    def _zero_cluster(self, cstart: int, unmap: bool, discard: bool = False) -> None:
+        head = self.head
+        if head.data_file_raw and self._data is not None:
+            # the data file must stay a valid raw image of the guest
+            n = min(self.cluster_size, self.size - cstart)
+            self._host_write(cstart, bytes(n))
+        l1_index = cstart >> head.l1_shift
+        index = (cstart >> head.cluster_bits) & ((1 << head.l2_bits) - 1)
+        l1e = self._l1[l1_index] & L1_OFFSET
+        table = self._table(l1e) if l1e else None
+        ext = head.extended_l2
+        entry = table[2 * index if ext else index] if table is not None else 0
+        if ext:
+            if discard and head.backing_file is None and not entry & L2_OFFSET:
+                self._set_entry(cstart, 0, SUB_ZERO)
+                return
+            keep = entry & L2_OFFSET and entry & L2_COPIED and not unmap
+            self._set_entry(cstart, entry if keep else 0, SUB_ZERO)
+            return
+        if discard and head.backing_file is None and not entry & (L2_OFFSET | L2_COMPRESSED):
+            if entry:
+                self._set_entry(cstart, 0, 0)
+            return
+        if not unmap and entry & L2_COPIED and entry & L2_OFFSET and not entry & L2_COMPRESSED:
+            self._set_entry(cstart, entry | L2_ZERO, 0)  # keep the preallocated cluster
+        else:
+            self._set_entry(cstart, L2_ZERO, 0)
+
+    def _set_entry(self, cstart: int, entry: int, bitmap: int) -> None:
+        head = self.head
+        l1_index = cstart >> head.l1_shift
+        index = (cstart >> head.cluster_bits) & ((1 << head.l2_bits) - 1)
+        if not self._l1[l1_index] & L1_OFFSET and entry == 0 and bitmap == 0:
+            return  # unallocated already
+        _, table = self._writable_table(l1_index)
+        slot = 2 * index if head.extended_l2 else index
+        old = table[slot]
+        table[slot] = entry
+        if head.extended_l2:
+            table[slot + 1] = bitmap
+        if (old & L2_OFFSET) != (entry & L2_OFFSET) or old & L2_COMPRESSED:
+            self._release(old)
+
+    def _check(self, n: int, offset: int) -> None:
+        if n < 0 or offset < 0 or offset + n > self.size:
+            raise UsageError(f"{self.path}: range {offset:#x}+{n:#x} is outside the image")
+
+    # flush ----------------------------------------------------------------------------------------
+
+    def _write_tables(self) -> None:
+        fd = self._f.fileno()
+        for offset, table in sorted(self._l2_dirty.items()):
+            os.pwrite(fd, words_to_bytes(table, True), offset)
+            self._l2_cache.put(offset, table)
+        self._l2_dirty.clear()
+        if self._l1_dirty:
+            lo, hi = min(self._l1_dirty), max(self._l1_dirty) + 1
+            os.pwrite(fd, words_to_bytes(self._l1[lo:hi], True), self.head.l1_offset + 8 * lo)
+            self._l1_dirty.clear()
+
+    def _switch_refcount_table(self, rc: Refcounts) -> None:
+        raw = self.head.raw.header
+        raw.ofs_refcount_table = rc.table_offset
+        per_cluster = self.cluster_size // 8
+        raw.num_refcount_table_clusters = len(rc.table) // per_cluster
+        self.head.refcount_table_offset = rc.table_offset
+        self.head.refcount_table_clusters = raw.num_refcount_table_clusters
+        self._write_header_range(H.OFS_REFCOUNT_TABLE_AT, H.NUM_SNAPSHOTS_AT)
+
+    def _flush_metadata(self) -> None:
+        fd = self._f.fileno()
+        rc = self._rc
+        if rc is not None:
+            if rc.write_dirty():
+                os.fsync(fd)
+            rc.table_dirty = False
+            if rc.on_table_moved:
+                self._switch_refcount_table(rc)
+                for old_offset, old_clusters in rc.on_table_moved:
+                    first = old_offset // self.cluster_size
+                    self._pending_free.extend(range(first, first + old_clusters))
+                rc.on_table_moved.clear()
+        if self._l2_dirty or self._l1_dirty:
+            self._write_tables()
+            os.fsync(fd)
+        if self._pending_free:
+            rc = self._refcounts()
+            for cluster in self._pending_free:
+                rc.change(cluster, -1)
+            self._pending_free.clear()
+            if rc.write_dirty():
+                os.fsync(fd)
+            rc.table_dirty = False
+
+    def flush(self) -> None:
+        if not self.writable:
+            return
+        try:
+            self._flush_metadata()
+        except OSError as exc:
+            raise ImageError(f"{self.path}: writing metadata failed: {exc}") from exc
+        if self._data is not None:
+            os.fsync(self._data.fileno())
+        os.fsync(self._f.fileno())
+
+    def _close_writer(self) -> None:
+        """Flush everything, then clear the dirty bit this writer set."""
+        if not self.writable:
+            return
+        self.flush()
+        if self._set_dirty_bit:
+            incompatible = int(self.head.incompatible) & ~int(q.IncompatibleFeature.DIRTY)
+            self._write_features(incompatible, int(self.head.autoclear))
+            self._set_dirty_bit = False
