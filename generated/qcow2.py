@@ -43,6 +43,9 @@ if API_VERSION != 1:
     raise ImportError("diskspec.generated.qcow2 needs structbase API 1")
 
 __all__ = [
+    "AUTOCLEAR_FEATURE_LABELS",
+    "COMPATIBLE_FEATURE_LABELS",
+    "INCOMPATIBLE_FEATURE_LABELS",
     "AutoclearFeature",
     "BitmapDirectory",
     "BitmapDirectoryEntry",
@@ -180,6 +183,15 @@ class IncompatibleFeature(IntFlag):
     """
 
 
+INCOMPATIBLE_FEATURE_LABELS: dict[IncompatibleFeature, str] = {
+    IncompatibleFeature.DIRTY: "dirty bit",
+    IncompatibleFeature.CORRUPT: "corrupt bit",
+    IncompatibleFeature.EXTERNAL_DATA_FILE: "external data file",
+    IncompatibleFeature.COMPRESSION_TYPE: "compression type",
+    IncompatibleFeature.EXTENDED_L2: "extended L2 entries",
+}
+"""Names the format itself stores for IncompatibleFeature members (from -label in the spec)."""
+
 _FLAGS_IncompatibleFeature: dict[int, IncompatibleFeature] = {}
 
 
@@ -193,6 +205,11 @@ class CompatibleFeature(IntFlag):
     Refcount updates may be deferred, with the dirty bit set. (QEMU: QCOW2_COMPAT_LAZY_REFCOUNTS)
     """
 
+
+COMPATIBLE_FEATURE_LABELS: dict[CompatibleFeature, str] = {
+    CompatibleFeature.LAZY_REFCOUNTS: "lazy refcounts",
+}
+"""Names the format itself stores for CompatibleFeature members (from -label in the spec)."""
 
 _FLAGS_CompatibleFeature: dict[int, CompatibleFeature] = {}
 
@@ -211,6 +228,12 @@ class AutoclearFeature(IntFlag):
     The external data file is a valid raw image by itself. (QEMU: QCOW2_AUTOCLEAR_DATA_FILE_RAW)
     """
 
+
+AUTOCLEAR_FEATURE_LABELS: dict[AutoclearFeature, str] = {
+    AutoclearFeature.BITMAPS: "bitmaps",
+    AutoclearFeature.DATA_FILE_RAW: "raw external data",
+}
+"""Names the format itself stores for AutoclearFeature members (from -label in the spec)."""
 
 _FLAGS_AutoclearFeature: dict[int, AutoclearFeature] = {}
 

@@ -41,6 +41,7 @@ class EnumMember:
     id: str
     doc: str
     orig_id: str | None
+    label: str | None = None  # -label: a display name the format itself stores
 
 
 @dataclass(slots=True)
@@ -287,6 +288,7 @@ def _enum(ident: str, node: dict[Any, Any], path: str) -> EnumDef:
                     str(spec["id"]),
                     _doc(spec),
                     str(spec["-orig-id"]) if "-orig-id" in spec else None,
+                    str(spec["-label"]) if "-label" in spec else None,
                 )
             )
         else:

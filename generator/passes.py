@@ -74,7 +74,8 @@ class EnumCode:
     base: str  # IntEnum / IntFlag
     doc: list[str]
     members: list[tuple[str, str, list[str]]]  # name, value, doc
-    construct_name: str = ""
+    labels: list[tuple[str, str]] = field(default_factory=list)  # member name, -label
+    labels_name: str = ""
 
 
 @dataclass(slots=True)
@@ -1120,17 +1121,24 @@ def pass_lower(spec: Spec, code: Code) -> None:
             value = (1 << m.value) if enum.as_flags else m.value
             mdoc = m.doc + (f" (QEMU: {m.orig_id})" if m.orig_id else "")
             members.append((F.enum_member(m.id), f"{value:#x}", F.docstring(mdoc, 4)))
+        labels = [(F.enum_member(m.id), m.label) for m in enum.members if m.label]
         code.enums.append(
             EnumCode(
                 F.class_name(enum.id),
                 "IntFlag" if enum.as_flags else "IntEnum",
                 F.docstring(f"{enum.id} ({spec.source} {enum.path})", 4),
                 members,
+                labels,
+                f"{F.const_name(enum.id)}_LABELS" if labels else "",
             )
         )
     for t in _all_types(spec):
         code.types.append(low.lower(t))
-    code.exports = sorted([e.cls for e in code.enums] + [t.cls for t in code.types])
+    code.exports = sorted(
+        [e.cls for e in code.enums]
+        + [e.labels_name for e in code.enums if e.labels_name]
+        + [t.cls for t in code.types]
+    )
 
 
 # --------------------------------------------------------------------------------------------

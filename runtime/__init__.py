@@ -23,6 +23,7 @@ __all__ = [
     "UsageError",
     "ValidationError",
     "__version__",
+    "create",
     "open",
 ]
 
@@ -41,3 +42,13 @@ def open(
     from .opener import open_image
 
     return open_image(path, mode, fmt, backing=backing)
+
+
+def create(path: str | _os.PathLike[str], fmt: str, size: int | str, **options: object) -> None:
+    """Create an image, with qemu-img's option names (``compat``, ``cluster_size``, ...).
+
+    ``size`` is bytes or a string with a k, M, G, T suffix, as qemu-img takes it.
+    """
+    from .creator import create_image
+
+    create_image(_os.fspath(path), fmt, size, dict(options))

@@ -780,39 +780,48 @@ enums:
       doc: Raw deflate with a 12-bit window.
     1: zstd
   incompatible_feature:
+    # -label: the name qemu writes for the bit in the feature name table extension
     0:
       id: dirty
       -orig-id: QCOW2_INCOMPAT_DIRTY
+      -label: dirty bit
       doc: Refcounts may be stale (lazy refcounts).
     1:
       id: corrupt
       -orig-id: QCOW2_INCOMPAT_CORRUPT
+      -label: corrupt bit
       doc: The image is corrupt; no read-write open.
     2:
       id: external_data_file
       -orig-id: QCOW2_INCOMPAT_DATA_FILE
+      -label: external data file
       doc: Guest data lives in an external data file.
     3:
       id: compression_type
       -orig-id: QCOW2_INCOMPAT_COMPRESSION
+      -label: compression type
       doc: The compression_type field is nonzero.
     4:
       id: extended_l2
       -orig-id: QCOW2_INCOMPAT_EXTL2
+      -label: extended L2 entries
       doc: L2 entries are 128 bits with subclusters.
   compatible_feature:
     0:
       id: lazy_refcounts
       -orig-id: QCOW2_COMPAT_LAZY_REFCOUNTS
+      -label: lazy refcounts
       doc: Refcount updates may be deferred, with the dirty bit set.
   autoclear_feature:
     0:
       id: bitmaps
       -orig-id: QCOW2_AUTOCLEAR_BITMAPS
+      -label: bitmaps
       doc: The bitmaps extension is consistent.
     1:
       id: data_file_raw
       -orig-id: QCOW2_AUTOCLEAR_DATA_FILE_RAW
+      -label: raw external data
       doc: The external data file is a valid raw image by itself.
   header_extension_type:
     0x00000000: end

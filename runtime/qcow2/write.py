@@ -415,3 +415,46 @@ class Qcow2Writer:
             incompatible = int(self.head.incompatible) & ~int(q.IncompatibleFeature.DIRTY)
             self._write_features(incompatible, int(self.head.autoclear))
             self._set_dirty_bit = False
+
+    # preallocation -------------------------------------------------------------------------------
+
+    def preallocate(self, mode: str) -> None:
+        """Allocate every L2 table and data cluster (qemu-img's preallocation=metadata), and
+        with "falloc" or "full" also reserve or write the space."""
+        self._prepare_header()
+        head = self.head
+        cs = self.cluster_size
+        ext = head.extended_l2
+        end = 0
+        for cstart in range(0, self.size, cs):
+            l1_index = cstart >> head.l1_shift
+            index = (cstart >> head.cluster_bits) & ((1 << head.l2_bits) - 1)
+            _, table = self._writable_table(l1_index)
+            slot = 2 * index if ext else index
+            if table[slot] & (L2_OFFSET | L2_COMPRESSED):
+                continue
+            host = cstart if self._data is not None else self._refcounts().allocate(1) * cs
+            table[slot] = host | L2_COPIED  # with extended L2, subclusters stay unallocated
+            end = max(end, host + cs)
+        self.flush()
+        target = self._data if self._data is not None else self._f
+        fd = target.fileno()
+        if os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
+        if mode == "falloc":
+            os.posix_fallocate(fd, 0, end)
+        elif mode == "full":
+            self._write_zero_data()
+        os.fsync(fd)
+
+    def _write_zero_data(self) -> None:
+        """preallocation=full: write real zeros into every data cluster."""
+        head = self.head
+        cs = self.cluster_size
+        zeros = bytes(cs)
+        for cstart in range(0, self.size, cs):
+            l1_index = cstart >> head.l1_shift
+            index = (cstart >> head.cluster_bits) & ((1 << head.l2_bits) - 1)
+            table = self._table(self._l1[l1_index] & L1_OFFSET)
+            host = table[2 * index if head.extended_l2 else index] & L2_OFFSET
+            self._host_write(host, zeros)
