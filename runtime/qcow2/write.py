@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..generated import qcow2 as q
 from ..image import ImageError, UsageError
 from ..structbase import words_to_bytes
+from .bitmaps import DirtyBitmaps
 from .refcount import Refcounts
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class Qcow2Writer:
         self._pending_free: list[int] = []  # clusters to decrement once unreferenced on disk
         self._header_prepared = False
         self._set_dirty_bit = False
+        self._bitmaps: DirtyBitmaps | None = None
 
     def _refcounts(self) -> Refcounts:
         if self._rc is None:
@@ -97,7 +99,12 @@ class Qcow2Writer:
         head = self.head
         if head.version < 3:
             return
-        autoclear = int(head.autoclear) & int(q.AutoclearFeature.DATA_FILE_RAW)
+        self._bitmaps = DirtyBitmaps(self)
+        known = int(q.AutoclearFeature.DATA_FILE_RAW)
+        if self._bitmaps.present:
+            known |= int(q.AutoclearFeature.BITMAPS)
+            self._bitmaps.start()
+        autoclear = int(head.autoclear) & known
         incompatible = int(head.incompatible)
         if self._lazy():
             incompatible |= int(q.IncompatibleFeature.DIRTY)
@@ -150,8 +157,13 @@ class Qcow2Writer:
 
     # writes ---------------------------------------------------------------------------------------
 
+    def _mark(self, offset: int, n: int) -> None:
+        if self._bitmaps is not None:
+            self._bitmaps.mark(offset, n)
+
     def _write(self, data: bytes, offset: int) -> None:
         self._prepare_header()
+        self._mark(offset, len(data))
         cs = self.cluster_size
         pos, end = offset, offset + len(data)
         view = memoryview(data)
@@ -267,6 +279,7 @@ class Qcow2Writer:
             raise UsageError(f"{self.path}: image is open read-only")
         self._check(n, offset)
         self._prepare_header()
+        self._mark(offset, n)
         cs = self.cluster_size
         pos, end = offset, offset + n
         while pos < end:
@@ -289,6 +302,7 @@ class Qcow2Writer:
             raise UsageError(f"{self.path}: discard on a v2 image with a backing file would "
                              "expose the backing file's data")
         self._prepare_header()
+        self._mark(offset, n)
         cs = self.cluster_size
         pos = offset + (-offset) % cs
         end = offset + n
@@ -377,12 +391,7 @@ class Qcow2Writer:
             if rc.write_dirty():
                 os.fsync(fd)
             rc.table_dirty = False
-            if rc.on_table_moved:
-                self._switch_refcount_table(rc)
-                for old_offset, old_clusters in rc.on_table_moved:
-                    first = old_offset // self.cluster_size
-                    self._pending_free.extend(range(first, first + old_clusters))
-                rc.on_table_moved.clear()
+            self._refcount_table_switch_if_moved()
         if self._l2_dirty or self._l1_dirty:
             self._write_tables()
             os.fsync(fd)
@@ -394,6 +403,17 @@ class Qcow2Writer:
             if rc.write_dirty():
                 os.fsync(fd)
             rc.table_dirty = False
+
+    def _refcount_table_switch_if_moved(self) -> None:
+        """After a moved refcount table is on disk: point the header at it, free the old."""
+        rc = self._rc
+        if rc is None or not rc.on_table_moved:
+            return
+        self._switch_refcount_table(rc)
+        for old_offset, old_clusters in rc.on_table_moved:
+            first = old_offset // self.cluster_size
+            self._pending_free.extend(range(first, first + old_clusters))
+        rc.on_table_moved.clear()
 
     def flush(self) -> None:
         if not self.writable:
@@ -411,6 +431,9 @@ class Qcow2Writer:
         if not self.writable:
             return
         self.flush()
+        if self._bitmaps is not None:
+            self._bitmaps.finish()
+            self.flush()
         if self._set_dirty_bit:
             incompatible = int(self.head.incompatible) & ~int(q.IncompatibleFeature.DIRTY)
             self._write_features(incompatible, int(self.head.autoclear))
