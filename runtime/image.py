@@ -144,6 +144,6 @@ class RawImage(Image):
         os.pwrite(self._f.fileno(), data, offset)
 
     def map(self) -> list[Extent]:
-        if self.size == 0:
-            return []
-        return [Extent(0, self.size, 0, True, False, True, 0, filename=str(self.path))]
+        from .qcow2.mapping import image_map
+
+        return image_map(self)

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 from ..cache import LruCache
 from ..compress import inflate_cluster, unzstd_cluster
 from ..generated import qcow2 as q
-from ..image import Image, ImageError, UsageError
+from ..image import Extent, Image, ImageError, UsageError
 from .header import Qcow2Header, load_header
 from .write import Qcow2Writer
 
@@ -344,8 +344,45 @@ class Qcow2Image(Qcow2Writer, Image):
             if self.backing is not None:
                 self.backing.close()
 
+    def create_snapshot(self, name: str) -> str:
+        """``qemu-img snapshot -c NAME``; returns the new snapshot's id."""
+        from . import snapshot
+
+        return snapshot.create_snapshot(self, name)
+
+    def apply_snapshot(self, name: str) -> None:
+        """``qemu-img snapshot -a NAME``."""
+        from . import snapshot
+
+        snapshot.apply_snapshot(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        """``qemu-img snapshot -d NAME``."""
+        from . import snapshot
+
+        snapshot.delete_snapshot(self, name)
+
+    def resize(self, new_size: int, shrink: bool = False) -> None:
+        """``qemu-img resize [--shrink]``."""
+        from . import snapshot
+
+        snapshot.resize(self, new_size, shrink)
+
+    def map(self) -> list[Extent]:
+        """The guest ranges and where they come from, as ``qemu-img map`` reports them."""
+        from .mapping import qcow2_map
+
+        self.flush()  # the metadata-preallocation guess reads refcounts from disk
+        return qcow2_map(self)
+
     def info(self) -> dict[str, Any]:
-        info = super().info()
-        info["cluster-size"] = self.cluster_size
-        info["dirty-flag"] = self.head.dirty
-        return info
+        """What ``qemu-img info --output=json`` reports, same keys and values."""
+        from .info import qcow2_info
+
+        return qcow2_info(self)
+
+    def info_chain(self) -> list[dict[str, Any]]:
+        """``qemu-img info --backing-chain --output=json``."""
+        from .info import qcow2_info
+
+        return qcow2_info(self, backing_chain=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Literal, overload
 
 from ..generated import qcow2 as q
 from ..image import Image, ImageError, RawImage
@@ -256,10 +256,28 @@ def _layer(img: Image, filename: str) -> dict[str, Any]:
     return qdict_order(list(generic.items()))
 
 
-def qcow2_info(img: Qcow2Image, backing_chain: bool = False) -> dict[str, Any] | list[Any]:
-    """``qemu-img info --output=json`` (7.2) of a qcow2 image; with ``backing_chain`` the list
-    ``--backing-chain`` gives, one entry per layer that is open (a chain opened with
-    ``backing=False`` stops at the top)."""
+@overload
+def qcow2_info(img: Qcow2Image, backing_chain: Literal[False] = False) -> dict[str, Any]: ...
+
+
+@overload
+def qcow2_info(img: Qcow2Image, backing_chain: Literal[True]) -> list[dict[str, Any]]: ...
+
+
+@overload
+def qcow2_info(img: Qcow2Image, backing_chain: bool) -> dict[str, Any] | list[dict[str, Any]]: ...
+
+
+def qcow2_info(
+    img: Qcow2Image, backing_chain: bool = False
+) -> dict[str, Any] | list[dict[str, Any]]:
+    """``qemu-img info --output=json`` (7.2) of a qcow2 image.
+
+    With ``backing_chain`` it is the list ``--backing-chain`` gives, one entry per layer that
+    is open (an image opened with ``backing=False`` is a chain of one). The filename is the
+    image's path as it was opened; each backing layer is named by the full backing file name
+    of the layer above, as qemu opens it.
+    """
     top = _qcow2_layer(img, str(img.path))
     if not backing_chain:
         return top
@@ -318,7 +336,7 @@ def _json(value: Any, depth: int) -> str:
     raise TypeError(f"cannot print {type(value).__name__} as qemu JSON")
 
 
-def format_info_json(info: dict[str, Any] | list[Any]) -> str:
+def format_info_json(info: dict[str, Any] | list[dict[str, Any]]) -> str:
     """The exact text of ``qemu-img info --output=json`` (7.2), final newline included."""
     return _json(info, 0) + "\n"
 
@@ -392,7 +410,7 @@ def _human(info: dict[str, Any], out: list[str]) -> None:
         _dump(info["format-specific"]["data"], 1, out)
 
 
-def format_info_human(info: dict[str, Any] | list[Any]) -> str:
+def format_info_human(info: dict[str, Any] | list[dict[str, Any]]) -> str:
     """The exact text of ``qemu-img info`` (7.2); a chain's layers are separated by a blank
     line, as with ``--backing-chain``."""
     layers = info if isinstance(info, list) else [info]

@@ -18,9 +18,9 @@ The qemu 7.2 behaviours reproduced here (qcow.md C.7 and what qemu-img 7.2 print
   of an unallocated subcluster is lost when the backing layer answers instead;
 * a raw layer reports the allocation of its file: data extents and holes (``zero``), both
   ``present`` with an offset, and zeros past the end of the file;
-* when a qcow2 layer looks metadata-preallocated (more clusters with a refcount than the file
-  has blocks, by qemu's threshold), normal clusters are refined by the allocation of the host
-  file, and holes there report ``"zero": true, "data": true``;
+* when a qcow2 layer looks metadata-preallocated (at least max(n * 10 / 9, n + 2) clusters
+  have a refcount, n being the clusters the file really occupies), normal clusters are refined
+  by the allocation of the host file, and holes there report ``"zero": true, "data": true``;
 * adjacent entries merge when all flags, the depth and the file are equal and the offsets
   (if any) are contiguous.
 """
@@ -45,7 +45,6 @@ __all__ = [
     "qcow2_map",
 ]
 
-L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
 L2_COPIED = q.L2Entry.COPIED_MASK
 L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
 L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
