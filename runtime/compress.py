@@ -9,7 +9,13 @@ import zstandard
 
 from .errors import FormatError
 
-__all__ = ["CompressedDataError", "compress_deflate", "inflate_cluster", "unzstd_cluster"]
+__all__ = [
+    "CompressedDataError",
+    "compress_deflate",
+    "compress_zstd",
+    "inflate_cluster",
+    "unzstd_cluster",
+]
 
 # qemu deflates with a 12-bit window and no zlib header; reading with the largest window is
 # lenient and still bounded by the output size.
@@ -60,3 +66,8 @@ def compress_deflate(data: bytes) -> bytes:
     """Raw deflate as qemu writes it (readable by qemu's 12-bit-window inflate)."""
     c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, _WRITE_WBITS, 9)
     return c.compress(data) + c.flush()
+
+
+def compress_zstd(data: bytes) -> bytes:
+    """One zstd frame, as qemu's compressor writes it."""
+    return zstandard.ZstdCompressor().compress(data)

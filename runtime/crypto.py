@@ -63,6 +63,8 @@ LUKS_STRIPES: Final = 4000
 """Anti-forensic stripes of every LUKS1 key slot; qemu refuses any other count."""
 
 _SECTOR_WORDS: Final = SECTOR_SIZE // 8
+if array("Q").itemsize != 8:  # pragma: no cover - every CPython platform has 8-byte "Q"
+    raise ImportError("diskspec.crypto needs 8-byte array('Q') items")
 _U64: Final = (1 << 64) - 1
 _U32: Final = (1 << 32) - 1
 _LUKS_HEADER_SECTORS: Final = 4096 // SECTOR_SIZE  # qemu: key material starts after 4 KiB
@@ -119,7 +121,7 @@ def _lane_masks(lanes: int) -> tuple[int, int]:
     return low, ((1 << (128 * lanes)) - 1) ^ low
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=2)
 def _ctr_steps(block_words: int, sectors: int) -> int:
     """0, 1, 2, ... for the blocks of each sector, as big-endian lanes of a guard word and a
     block of ``block_words`` words."""
@@ -300,31 +302,29 @@ class SectorCipher(ABC):
 
     def decrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
         """Plaintext of the whole sectors ``data``, whose first sector has IV number ``sector``."""
-        if isinstance(data, memoryview):
-            data = data.cast("B")
-        count = _check_run(data, sector)
-        return self._decrypt(data, sector, count) if count else b""
+        raw = data if type(data) is bytes else bytes(data)
+        count = _check_run(raw, sector)
+        return self._decrypt(raw, sector, count) if count else b""
 
     def encrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
         """Ciphertext of the whole sectors ``data``, whose first sector has IV number ``sector``."""
-        if isinstance(data, memoryview):
-            data = data.cast("B")
-        count = _check_run(data, sector)
-        return self._encrypt(data, sector, count) if count else b""
+        raw = data if type(data) is bytes else bytes(data)
+        count = _check_run(raw, sector)
+        return self._encrypt(raw, sector, count) if count else b""
 
     @abstractmethod
-    def _decrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _decrypt(self, data: bytes, sector: int, count: int) -> bytes:
         """Decrypt ``count`` sectors (checked: whole sectors, numbers within u64)."""
 
     @abstractmethod
-    def _encrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _encrypt(self, data: bytes, sector: int, count: int) -> bytes:
         """Encrypt ``count`` sectors (checked: whole sectors, numbers within u64)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
 
-def _check_run(data: bytes | bytearray | memoryview, sector: int) -> int:
+def _check_run(data: bytes, sector: int) -> int:
     size = len(data)
     if size % SECTOR_SIZE:
         raise ValueError(f"encrypted I/O needs whole 512-byte sectors, got {size} bytes")
@@ -343,10 +343,10 @@ class _EcbSectors(SectorCipher):
         super().__init__(name)
         self._block = block
 
-    def _decrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _decrypt(self, data: bytes, sector: int, count: int) -> bytes:
         return self._block.decrypt_blocks(data)
 
-    def _encrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _encrypt(self, data: bytes, sector: int, count: int) -> bytes:
         return self._block.encrypt_blocks(data)
 
 
@@ -360,7 +360,7 @@ class _CbcSectors(SectorCipher):
         self._block = block
         self._ivgen = ivgen
 
-    def _decrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _decrypt(self, data: bytes, sector: int, count: int) -> bytes:
         # Decrypt the run as one CBC chain from a zero IV. Every block comes out right except
         # the first of each sector, which was XORed with the previous ciphertext block (zero
         # for the first sector) instead of the sector's IV: XOR that back out and the IV in.
@@ -375,21 +375,22 @@ class _CbcSectors(SectorCipher):
             chained[per_block + w :: per_block] = cipher[
                 _SECTOR_WORDS - per_block + w :: _SECTOR_WORDS
             ][: count - 1]
-        fixed = int.from_bytes(first, "little") ^ int.from_bytes(chained, "little")
+        fixed = int.from_bytes(first.tobytes(), "little")
+        fixed ^= int.from_bytes(chained.tobytes(), "little")
         fixed ^= int.from_bytes(self._ivgen.ivs(sector, count), "little")
         fixed_words = _words(fixed.to_bytes(count * bs, "little"))
         for w in range(per_block):
             plain[w::_SECTOR_WORDS] = fixed_words[w::per_block]
         return plain.tobytes()
 
-    def _encrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _encrypt(self, data: bytes, sector: int, count: int) -> bytes:
         # CBC encryption is serial inside a sector. Run one chain through the whole run and
         # make each sector start from its IV by pre-XORing its first plaintext block with
         # (IV XOR the chaining value the context will apply, the last ciphertext block).
         bs = self._block.block_size
         update = self._block.cbc_encryptor()
         ivs = self._ivgen.ivs(sector, count)
-        view = memoryview(data)
+        view = memoryview(data)  # slices without copies
         previous = 0
         out = []
         for s in range(count):
@@ -425,16 +426,16 @@ class _XtsSectors(SectorCipher):
             stream[2 * j :: _SECTOR_WORDS] = words[0::2]
             stream[2 * j + 1 :: _SECTOR_WORDS] = words[1::2]
             lanes = ((lanes << 1) & rest) ^ (((lanes >> 127) & low) * 0x87)
-        return int.from_bytes(stream, "little")
+        return int.from_bytes(stream.tobytes(), "little")
 
-    def _decrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _decrypt(self, data: bytes, sector: int, count: int) -> bytes:
         size = count * SECTOR_SIZE
         tweaks = self._tweaks(sector, count)
         masked = (int.from_bytes(data, "little") ^ tweaks).to_bytes(size, "little")
         opened = self._data.decrypt_blocks(masked)
         return (int.from_bytes(opened, "little") ^ tweaks).to_bytes(size, "little")
 
-    def _encrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _encrypt(self, data: bytes, sector: int, count: int) -> bytes:
         size = count * SECTOR_SIZE
         tweaks = self._tweaks(sector, count)
         masked = (int.from_bytes(data, "little") ^ tweaks).to_bytes(size, "little")
@@ -473,10 +474,10 @@ class _CtrSectors(SectorCipher):
             counters[w::per_block] = summed[1 + w :: lane]
         return self._block.encrypt_blocks(counters.tobytes())
 
-    def _decrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _decrypt(self, data: bytes, sector: int, count: int) -> bytes:
         return _xor(data, self._keystream(sector, count))
 
-    def _encrypt(self, data: bytes | bytearray | memoryview, sector: int, count: int) -> bytes:
+    def _encrypt(self, data: bytes, sector: int, count: int) -> bytes:
         return _xor(data, self._keystream(sector, count))
 
 

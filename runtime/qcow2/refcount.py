@@ -53,6 +53,7 @@ class Refcounts:
         self.table_dirty = False
         self.on_table_moved: list[tuple[int, int]] = []  # (old offset, old clusters) to free
         self.generation = 0  # bumped when the table moves (allocation scans restart)
+        self.frees = 0  # bumped whenever a cluster becomes free
 
     # blocks ---------------------------------------------------------------------------------
 
@@ -109,8 +110,10 @@ class Refcounts:
             )
         block[slot] = value
         self.dirty.add(index)
-        if value == 0 and cluster < self.free_hint:
-            self.free_hint = cluster
+        if value == 0:
+            self.frees += 1
+            if cluster < self.free_hint:
+                self.free_hint = cluster
         return value
 
     def _ensure_block(self, index: int) -> array[int]:

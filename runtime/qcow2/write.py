@@ -20,6 +20,7 @@ from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from ..compress import compress_deflate, compress_zstd
 from ..generated import qcow2 as q
 from ..image import ImageError, UsageError
 from ..structbase import words_to_bytes
@@ -57,6 +58,7 @@ class Qcow2Writer:
     _data: BinaryIO | None
     _l1: array[int]
     _l2_cache: LruCache[int, array[int]]
+    _zcache: LruCache[int, bytes]
 
     def _read(self, n: int, offset: int) -> bytes:
         raise NotImplementedError
@@ -74,6 +76,8 @@ class Qcow2Writer:
         self._header_prepared = False
         self._set_dirty_bit = False
         self._bitmaps: DirtyBitmaps | None = None
+        self._zpos: int | None = None  # where the next compressed data may be packed
+        self._zfrees = -1
 
     def _refcounts(self) -> Refcounts:
         if self._rc is None:
@@ -264,6 +268,7 @@ class Qcow2Writer:
             return
         cs = self.cluster_size
         if entry & L2_COMPRESSED:
+            self._zcache.clear()  # its bytes may be reused for other compressed data
             desc = q.CompressedDescriptor(cluster_bits=self.head.cluster_bits, raw=entry)
             first = desc.ofs_compressed // cs
             last = (desc.ofs_compressed + desc.len_compressed_max - 1) // cs
@@ -481,3 +486,76 @@ class Qcow2Writer:
             table = self._table(self._l1[l1_index] & L1_OFFSET)
             host = table[2 * index if head.extended_l2 else index] & L2_OFFSET
             self._host_write(host, zeros)
+
+    # compressed writes ---------------------------------------------------------------------------
+
+    def write_compressed(self, data: bytes, offset: int) -> None:
+        """Write one whole cluster compressed (``qemu-io write -c``, ``convert -c``).
+
+        The cluster must be unallocated, as qemu requires; data that does not compress below
+        one cluster is written as a normal cluster, as qemu does.
+        """
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        head = self.head
+        cs = self.cluster_size
+        last = offset + cs > self.size and offset + len(data) == self.size
+        if offset % cs or (len(data) != cs and not last):
+            raise UsageError(f"{self.path}: compressed writes cover exactly one cluster")
+        self._check(len(data), offset)
+        if self._data is not None:
+            raise UsageError(f"{self.path}: compression is not allowed with an external data file")
+        if head.crypt_method != q.CryptMethod.NONE:
+            raise UsageError(f"{self.path}: compression and encryption cannot be combined")
+        self._prepare_header()
+        cluster = bytes(data) + bytes(cs - len(data))
+        if head.compression_type == q.CompressionType.ZSTD:
+            packed = compress_zstd(cluster)
+        else:
+            packed = compress_deflate(cluster)
+        if len(packed) >= cs:
+            self._write(bytes(data), offset)
+            return
+        l1_index = offset >> head.l1_shift
+        index = (offset >> head.cluster_bits) & ((1 << head.l2_bits) - 1)
+        slot = 2 * index if head.extended_l2 else index
+        l1e = self._l1[l1_index] & L1_OFFSET
+        current = self._table(l1e)[slot] if l1e else 0
+        if current & (L2_OFFSET | L2_COMPRESSED):
+            raise ImageError(f"{self.path}: compressed write to an allocated cluster "
+                             f"(offset {offset:#x}): Input/output error")
+        self._mark(offset, len(data))
+        self._zcache.clear()  # a decompressed cluster is cached by its entry: keep none stale
+        host = self._alloc_bytes(len(packed))
+        os.pwrite(self._f.fileno(), packed, host)
+        x = q.CompressedDescriptor(cluster_bits=head.cluster_bits, raw=0).num_offset_bits
+        sectors = (host + len(packed) - 1) // 512 - host // 512
+        _, table = self._writable_table(l1_index)
+        table[slot] = L2_COMPRESSED | (sectors << x) | host
+        if head.extended_l2:
+            table[slot + 1] = 0
+
+    def _alloc_bytes(self, n: int) -> int:
+        """Space for compressed data, packed after the previous compressed cluster's data;
+        every host cluster a range touches gets one more reference (qcow.md C.1)."""
+        cs = self.cluster_size
+        rc = self._refcounts()
+        pos = self._zpos
+        if self._zfrees != rc.frees:
+            pos = None  # clusters were freed since: the partly used one may not be ours now
+        if pos is not None and pos % cs and rc.get(pos // cs) < rc.max:
+            room = cs - pos % cs
+            if n <= room:
+                rc.change(pos // cs, 1)
+                self._zpos, self._zfrees = pos + n, rc.frees
+                return pos
+            nxt = pos // cs + 1
+            extra = -(-(n - room) // cs)
+            if rc.find_free(extra) == nxt:
+                rc.change(pos // cs, 1)
+                rc.allocate(extra)
+                self._zpos, self._zfrees = pos + n, rc.frees
+                return pos
+        start = rc.allocate(-(-n // cs)) * cs
+        self._zpos, self._zfrees = start + n, rc.frees
+        return start
