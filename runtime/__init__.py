@@ -31,17 +31,23 @@ __version__ = "0.1.0"
 
 
 def open(
-    path: str | _os.PathLike[str], mode: str = "r", fmt: str | None = None, *, backing: bool = True
+    path: str | _os.PathLike[str],
+    mode: str = "r",
+    fmt: str | None = None,
+    *,
+    backing: bool = True,
+    passphrase: bytes | str | None = None,
 ) -> Image:
     """Open a disk image.
 
     ``mode`` is "r" (nothing is ever written) or "r+". ``fmt`` is "raw", "qcow2", "qcow" or
     "fvd"; None reads it from the magic, and a file with no known magic is raw.
     ``backing=False`` opens the image alone, never touching the files it names.
+    ``passphrase`` unlocks an encrypted image (LUKS, or the legacy AES method).
     """
     from .opener import open_image
 
-    return open_image(path, mode, fmt, backing=backing)
+    return open_image(path, mode, fmt, backing=backing, passphrase=passphrase)
 
 
 def create(path: str | _os.PathLike[str], fmt: str, size: int | str, **options: object) -> None:

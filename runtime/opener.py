@@ -47,6 +47,7 @@ def open_image(
     fmt: str | None = None,
     *,
     backing: bool = True,
+    passphrase: bytes | str | None = None,
     _seen: tuple[tuple[int, int], ...] = (),
 ) -> Image:
     """Open an image; see :func:`diskspec.open`."""
@@ -68,7 +69,11 @@ def open_image(
         if kind == "raw":
             return RawImage(p, f, mode == "r+")
         if kind == "qcow2":
-            return _open_qcow2(p, f, mode, backing, seen)
+            img = _open_qcow2(p, f, mode, backing, seen)
+            if passphrase is not None:
+                key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+                img.unlock(key)  # type: ignore[attr-defined]
+            return img
         raise ImageError(f"{p}: {kind} images are not supported yet")
     except BaseException:
         f.close()

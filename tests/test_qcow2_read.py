@@ -23,13 +23,14 @@ def _qemu_raw(image: CorpusImage, dest: Path, snapshot: str | None = None) -> by
 
 
 def _readable(corpus: list[CorpusImage]) -> list[CorpusImage]:
-    return [i for i in corpus if i.fmt == "qcow2" and "encrypted" not in i.tags]
+    return [i for i in corpus if i.fmt == "qcow2"]
 
 
 def test_corpus_has_the_read_matrix(corpus: list[CorpusImage]) -> None:
     tags = set().union(*(i.tags for i in _readable(corpus)))
     for tag in ("v2", "v3", "backing", "compressed", "zstd", "extended_l2", "snapshots",
-                "data_file", "data_file_raw", "bitmaps", "refcount_bits", "discard"):
+                "data_file", "data_file_raw", "bitmaps", "refcount_bits", "discard", "luks",
+                "aes"):
         assert tag in tags, tag
 
 
@@ -37,7 +38,7 @@ def test_whole_image_reads_like_qemu(corpus: list[CorpusImage], tmp_path: Path) 
     checked = 0
     for image in _readable(corpus):
         want = _qemu_raw(image, tmp_path / f"{image.name}.raw")
-        with diskspec.open(image.path) as img:
+        with diskspec.open(image.path, passphrase=image.secret) as img:
             assert img.size == len(want), image.name
             got = img.pread(img.size, 0)
         assert got == want, image.name
@@ -49,7 +50,7 @@ def test_unaligned_reads_match(corpus: list[CorpusImage], tmp_path: Path) -> Non
     rng = random.Random(1234)
     for image in _readable(corpus):
         want = _qemu_raw(image, tmp_path / f"{image.name}.raw")
-        with diskspec.open(image.path) as img:
+        with diskspec.open(image.path, passphrase=image.secret) as img:
             for _ in range(40):
                 n = rng.choice([1, 511, 512, 4095, 65537, 300_000])
                 off = rng.randrange(0, max(1, img.size - n))
@@ -61,7 +62,7 @@ def test_snapshots_read_like_qemu(corpus: list[CorpusImage], tmp_path: Path) -> 
     for image in _readable(corpus):
         if "snapshots" not in image.tags:
             continue
-        with diskspec.open(image.path) as img:
+        with diskspec.open(image.path, passphrase=image.secret) as img:
             snaps = img.snapshots()
             assert [s.id for s in snaps] == [str(i + 1) for i in range(len(snaps))]
             for snap in snaps:
@@ -104,7 +105,7 @@ def test_backing_without_format_is_never_probed(tmp_path: Path) -> None:
 
 def test_reads_outside_the_image_are_refused(corpus: list[CorpusImage]) -> None:
     image = _readable(corpus)[0]
-    with diskspec.open(image.path) as img:
+    with diskspec.open(image.path, passphrase=image.secret) as img:
         with pytest.raises(diskspec.UsageError):
             img.pread(1, img.size)
         with pytest.raises(diskspec.UsageError):

@@ -38,9 +38,16 @@ OPTION_SETS: list[dict[str, Any]] = [
 ]
 
 
-def qemu_check(path: Path) -> dict[str, Any]:
+def _target(path: Path, secret: str | None) -> list[str]:
+    """How qemu opens the image: the path, or image options with its secret."""
+    from diskspec.tests.corpus import _open_args
+
+    return _open_args("qcow2", str(path), secret) if secret else [str(path)]
+
+
+def qemu_check(path: Path, secret: str | None = None) -> dict[str, Any]:
     done = subprocess.run(
-        [require_tool("qemu-img"), "check", "--output=json", str(path)],
+        [require_tool("qemu-img"), "check", "--output=json", *_target(path, secret)],
         capture_output=True, text=True, check=False, cwd=path.parent,
     )
     report: dict[str, Any] = json.loads(done.stdout)
@@ -48,9 +55,12 @@ def qemu_check(path: Path) -> dict[str, Any]:
     return report
 
 
-def qemu_read(path: Path, out: Path, extra: tuple[str, ...] = ()) -> bytes:
+def qemu_read(
+    path: Path, out: Path, extra: tuple[str, ...] = (), secret: str | None = None
+) -> bytes:
     subprocess.run(
-        [require_tool("qemu-img"), "convert", *extra, "-O", "raw", str(path), str(out)],
+        [require_tool("qemu-img"), "convert", *extra, "-O", "raw", *_target(path, secret),
+         str(out)],
         check=True, capture_output=True, cwd=path.parent,
     )
     return out.read_bytes()
@@ -199,7 +209,7 @@ TestWriteMachine.settings = settings(
 
 
 def _writable(corpus: list[CorpusImage]) -> list[CorpusImage]:
-    return [i for i in corpus if i.fmt == "qcow2" and "encrypted" not in i.tags]
+    return [i for i in corpus if i.fmt == "qcow2"]
 
 
 def test_writes_into_qemu_images(corpus: list[CorpusImage], tmp_path: Path) -> None:
@@ -212,11 +222,12 @@ def test_writes_into_qemu_images(corpus: list[CorpusImage], tmp_path: Path) -> N
                         ignore=lambda _d, names: [n for n in names if n.endswith(".lock")])
         path = work / image.path.name
         rng = random.Random(image.name)
-        with diskspec.open(path) as img:
-            snaps = {s.name: qemu_read(path, work / "s.raw", ("-l", f"snapshot.name={s.name}"))
+        with diskspec.open(path, passphrase=image.secret) as img:
+            snaps = {s.name: qemu_read(path, work / "s.raw", ("-l", f"snapshot.name={s.name}"),
+                                       image.secret)
                      for s in img.snapshots()}
-        model = bytearray(qemu_read(path, work / "before.raw"))
-        with diskspec.open(path, "r+") as img:
+        model = bytearray(qemu_read(path, work / "before.raw", secret=image.secret))
+        with diskspec.open(path, "r+", passphrase=image.secret) as img:
             for _ in range(40):
                 n = rng.choice([1, 512, 4096, 5000, 70000, 200000])
                 off = rng.randrange(0, img.size - n)
@@ -227,12 +238,12 @@ def test_writes_into_qemu_images(corpus: list[CorpusImage], tmp_path: Path) -> N
                 else:
                     img.write_zeroes(off, n)
                     model[off : off + n] = bytes(n)
-        report = qemu_check(path)
+        report = qemu_check(path, image.secret)
         assert report["rc"] == 0 and report.get("corruptions", 0) == 0, (image.name, report)
         assert report.get("leaks", 0) == 0, (image.name, report)
-        assert qemu_read(path, work / "after.raw") == model, image.name
+        assert qemu_read(path, work / "after.raw", secret=image.secret) == model, image.name
         for name, want in snaps.items():
-            got = qemu_read(path, work / "s.raw", ("-l", f"snapshot.name={name}"))
+            got = qemu_read(path, work / "s.raw", ("-l", f"snapshot.name={name}"), image.secret)
             assert got == want, (image.name, name)
         done += 1
         shutil.rmtree(work)

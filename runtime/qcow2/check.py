@@ -103,8 +103,8 @@ MAX_BITMAP_NAME = 1023
 
 # this implementation's own bounds
 L2_CACHE_BYTES = 32 << 20
-MAX_ENTRIES_WALKED = 1 << 25  # nonzero L1/L2 entries, active and snapshots together
-MAX_TABLES_WALKED = 1 << 20  # L2 tables read
+MAX_ENTRIES_SCANNED = 1 << 27  # L1 and L2 entries looked at, zero or not, over the whole check
+MAX_ENTRIES_COUNTED = 1 << 25  # nonzero L1 and L2 entries processed
 MAX_MESSAGES = 100_000  # lines kept; the counts stay exact beyond
 READ_WINDOW = 1 << 20
 
@@ -259,6 +259,9 @@ class _Log:
         self.lines: list[str] = []
         self.dropped = 0
 
+    def full(self) -> bool:
+        return len(self.lines) >= MAX_MESSAGES
+
     def __call__(self, line: str) -> None:
         if len(self.lines) < MAX_MESSAGES:
             self.lines.append(line)
@@ -287,6 +290,17 @@ class _Snapshot:
     icount: int
     extra_data_size: int
     unknown_extra: bytes
+
+
+@dataclass(slots=True)
+class _OverlapMap:
+    """The metadata qemu's default ("cached") overlap check protects (qcow.md C.5): byte
+    ranges in the order qemu tests them, then single clusters (L2 tables, refblocks)."""
+
+    ranges: list[tuple[str, int, int]]
+    active_l2: set[int]
+    refblocks: set[int]
+    late: list[tuple[str, int, int]]  # tested after the clusters (the bitmap directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,8 +415,9 @@ class _Checker:
         self.compressed = 0
         self.snapshots: list[_Snapshot] = []
         self.snapshots_size = 0
-        self.entries_walked = 0
-        self.tables_walked = 0
+        self.scanned = 0
+        self.counted = 0
+        self.overlap_map: _OverlapMap | None = None
         self.l2_cache: LruCache[int, array[int]] = LruCache(max(1, L2_CACHE_BYTES // self.cs))
         self.window: tuple[int, bytes] = (0, b"")
         self._stat()
@@ -463,20 +478,25 @@ class _Checker:
         def load(at: int) -> array[int]:
             return unpack_words(self._pread(at, self.cs), 0, self.cs // WORD, "Q", True)
 
-        self.tables_walked += 1
-        if self.tables_walked > MAX_TABLES_WALKED:
-            raise self._over_budget()
+        self._scan(self.l2_entries)
         return self.l2_cache.get(offset, load)
 
-    def _spend(self, n: int) -> None:
-        self.entries_walked += n
-        if self.entries_walked > MAX_ENTRIES_WALKED:
+    def _scan(self, n: int) -> None:
+        """The work budget: ``n`` more table entries to look at."""
+        self.scanned += n
+        if self.scanned > MAX_ENTRIES_SCANNED:
+            raise self._over_budget()
+
+    def _count(self, n: int) -> None:
+        self.counted += n
+        if self.counted > MAX_ENTRIES_COUNTED:
             raise self._over_budget()
 
     def _over_budget(self) -> _Failed:
         self.log(
-            f"ERROR check aborted: the image references more than {MAX_ENTRIES_WALKED} table "
-            f"entries or {MAX_TABLES_WALKED} L2 tables"
+            f"ERROR check aborted: the tables of this image name more than "
+            f"{MAX_ENTRIES_COUNTED} clusters or need more than {MAX_ENTRIES_SCANNED} entries "
+            "read"
         )
         return _Failed(errno.EFBIG)
 
@@ -510,14 +530,20 @@ class _Checker:
             chunk = self._chunk(k >> self.pbb)
             value = chunk[k & mask]
             if value == self.refmax:
-                self.log(f"ERROR: overflow cluster offset={k << self.cb:#x}")
-                self.log(
-                    "Use qemu-img amend to increase the refcount entry width or qemu-img "
-                    "convert to create a clean copy if the image cannot be opened for writing"
-                )
-                res.corruptions += 1
+                self._overflow(res, k)
                 continue
             chunk[k & mask] = value + 1
+
+    def _overflow(self, res: _Counts, k: int) -> None:
+        res.corruptions += 1
+        if self.log.full():
+            self.log.dropped += 2
+            return
+        self.log(f"ERROR: overflow cluster offset={k << self.cb:#x}")
+        self.log(
+            "Use qemu-img amend to increase the refcount entry width or qemu-img convert to "
+            "create a clean copy if the image cannot be opened for writing"
+        )
 
     # walking the tables -----------------------------------------------------------------------
 
@@ -537,11 +563,12 @@ class _Checker:
         if not size:
             return
         self._inc(res, offset, size * WORD)
+        self._scan(size)
         table = self.l1 if active else self._words(offset, size)
         for entry in table:
             if not entry:
                 continue
-            self._spend(1)
+            self._count(1)
             if entry & L1_RESERVED:
                 self.log(f"ERROR found L1 entry with reserved bits set: {entry:x}")
                 res.corruptions += 1
@@ -553,21 +580,50 @@ class _Checker:
                     "corrupted"
                 )
                 res.corruptions += 1
-            self._walk_l2(res, l2_offset, frag, fix)
+            self._walk_l2(res, l2_offset, frag, fix, active)
 
-    def _walk_l2(self, res: _Counts, l2_offset: int, frag: bool, fix: bool) -> None:
+    def _walk_l2(
+        self, res: _Counts, l2_offset: int, frag: bool, fix: bool, active: bool
+    ) -> None:
         """qemu's check_refcounts_l2."""
         table = self._l2(l2_offset)
         cs = self.cs
+        cb = self.cb
         ext = self.ext
         step = self.step
+        refs = self.refs
+        pbb = self.pbb
+        mask = self.per_block - 1
+        refmax = self.refmax
+        counted = self.file_size  # data clusters at or past this offset are out of the file
+        count_data = not self.data_file
+        # entries that need more than "a normal, aligned cluster inside the file"
+        slow = L2_COMPRESSED | L2_RESERVED | (L2_OFFSET & (cs - 1)) | (0 if ext else L2_ZERO)
         next_contiguous = 0
+        nonzero = 0
         for i in range(self.l2_entries):
             entry = table[i * step]
             bitmap = table[i * step + 1] if ext else 0
             if not entry and not bitmap & SUB_ALLOC:
                 continue
-            self._spend(1)
+            nonzero += 1
+            offset = entry & L2_OFFSET
+            if offset and not entry & slow and not (bitmap >> SUB_ZERO_SHIFT) & bitmap:
+                if frag:
+                    self.allocated += 1
+                    if next_contiguous and offset != next_contiguous:
+                        self.fragmented += 1
+                    next_contiguous = offset + cs
+                if count_data:
+                    k = offset >> cb
+                    chunk = refs.get(k >> pbb)
+                    if offset >= counted or chunk is None or chunk[k & mask] == refmax:
+                        self._inc(res, offset, cs)
+                    else:
+                        chunk[k & mask] += 1
+                        if k >= self.nb_clusters:
+                            self.nb_clusters = k + 1
+                continue
             kind = self._cluster_type(entry)
             if kind != _COMPRESSED and entry & L2_RESERVED:
                 self.log(f"ERROR found l2 entry with reserved bits set: {entry:x}")
@@ -614,7 +670,7 @@ class _Checker:
                             f"{'Repairing' if fix else 'ERROR'} offset={offset:x}: Preallocated "
                             "cluster is not properly aligned; L2 entry corrupted."
                         )
-                        if fix and self._zero_entry(res, l2_offset, table, i):
+                        if fix and self._zero_entry(res, l2_offset, table, i, active):
                             continue
                     else:
                         self.log(
@@ -631,8 +687,11 @@ class _Checker:
             elif kind == _UNALLOCATED and bitmap & SUB_ALLOC:
                 res.corruptions += 1
                 self.log("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        self._count(nonzero)
 
-    def _zero_entry(self, res: _Counts, l2_offset: int, table: array[int], i: int) -> bool:
+    def _zero_entry(
+        self, res: _Counts, l2_offset: int, table: array[int], i: int, active: bool
+    ) -> bool:
         """qemu's fix_l2_entry_by_zero: an unaligned preallocated zero cluster becomes a plain
         zero cluster (its present subclusters zero ones)."""
         slot = i * self.step
@@ -643,8 +702,13 @@ class _Checker:
         else:
             table[slot] = L2_ZERO
         words = array("Q", table[slot : slot + self.step])
+        at = l2_offset + i * self.entry_size
+        if self._overlaps(at, self.entry_size, "active L2 table" if active else ""):
+            self.log("ERROR: Overlap check failed")
+            res.check_errors += 1
+            raise _Failed(errno.EIO)
         try:
-            self._write(l2_offset + i * self.entry_size, words_to_bytes(words, True))
+            self._write(at, words_to_bytes(words, True))
             self._sync()
         except OSError as exc:
             self.log(f"ERROR: Failed to overwrite L2 table entry: {exc.strerror}")
@@ -903,6 +967,7 @@ class _Checker:
         if not rc.on_table_moved:
             return
         self._switch_refcount_table(rc.table_offset, len(rc.table) * WORD // self.cs)
+        self.overlap_map = None
         old = list(rc.on_table_moved)
         rc.on_table_moved.clear()
         for offset, clusters in old:
@@ -919,6 +984,113 @@ class _Checker:
         raw.ofs_refcount_table = head.refcount_table_offset = offset
         raw.num_refcount_table_clusters = head.refcount_table_clusters = clusters
         self._write_header(H.OFS_REFCOUNT_TABLE_AT, H.NUM_SNAPSHOTS_AT)
+
+    # metadata overlap ---------------------------------------------------------------------
+
+    def _overlap_regions(self) -> _OverlapMap:
+        if self.overlap_map is not None:
+            return self.overlap_map
+        head = self.head
+        cs = self.cs
+        ranges: list[tuple[str, int, int]] = []
+        if head.l1_size:
+            ranges.append(("active L1 table", head.l1_offset, head.l1_size * WORD))
+        if len(self.rc.table):
+            ranges.append(("refcount table", head.refcount_table_offset, len(self.rc.table) * WORD))
+        if self.snapshots_size:
+            ranges.append(("snapshot table", head.snapshots_offset, self.snapshots_size))
+        for sn in self.snapshots:
+            if sn.l1_size:
+                ranges.append(("inactive L1 table", sn.l1_offset, sn.l1_size * WORD))
+
+        def clusters(offsets: Iterator[int]) -> set[int]:
+            out: set[int] = set()
+            for o in offsets:
+                out.add(o >> self.cb)
+                out.add((o + cs - 1) >> self.cb)
+            return out
+
+        late: list[tuple[str, int, int]] = []
+        ext = head.bitmaps
+        if ext is not None and head.autoclear & q.AutoclearFeature.BITMAPS:
+            # qemu 7.2 also trips over a (0, 0) directory; an empty range overlaps nothing here
+            late.append(("bitmap directory", ext.ofs_bitmap_directory, ext.len_bitmap_directory))
+        self.overlap_map = _OverlapMap(
+            ranges=ranges,
+            active_l2=clusters(e & L1_OFFSET for e in self.l1 if e & L1_OFFSET),
+            refblocks=clusters(e & REFT_OFFSET for e in self.rc.table if e & REFT_OFFSET),
+            late=late,
+        )
+        return self.overlap_map
+
+    def _overlap(self, offset: int, size: int, ignore: str = "") -> str | None:
+        """The metadata a write of [offset, offset + size) would hit, as qemu names it."""
+        if size <= 0:
+            return None
+        cb = self.cb
+        if ignore != "qcow2_header" and offset < self.cs:
+            return "qcow2_header"
+        first, end = offset >> cb, (offset + size + self.cs - 1) >> cb
+        lo, hi = first << cb, end << cb
+        regions = self._overlap_regions()
+        for name, o, n in regions.ranges:
+            if name != ignore and n > 0 and o < hi and lo < o + n:
+                return name
+        for name, found in (("active L2 table", regions.active_l2),
+                            ("refcount block", regions.refblocks)):
+            if name == ignore or not found:
+                continue
+            if end - first <= len(found):
+                if any(c in found for c in range(first, end)):
+                    return name
+            elif any(first <= c < end for c in found):
+                return name
+        for name, o, n in regions.late:
+            if name != ignore and n > 0 and o < hi and lo < o + n:
+                return name
+        return None
+
+    def _overlaps(self, offset: int, size: int, ignore: str = "") -> bool:
+        """qemu's pre-write overlap check: on a hit the image is marked corrupt."""
+        name = self._overlap(offset, size, ignore)
+        if name is None:
+            return False
+        self._mark_corrupt(f"Preventing invalid write on metadata (overlaps with {name})")
+        return True
+
+    def _mark_corrupt(self, why: str) -> None:
+        """qemu's qcow2_signal_corruption on a writable image: set the corrupt bit (v3)."""
+        self.log(f"qcow2: Marking image as corrupt: {why}; further corruption events will be "
+                 "suppressed")
+        head = self.head
+        if head.version < 3 or head.corrupt:
+            return
+        raw = head.raw.header
+        raw.incompatible_features = q.IncompatibleFeature(
+            int(head.incompatible) | int(q.IncompatibleFeature.CORRUPT)
+        )
+        head.incompatible = raw.incompatible_features
+        self._write_header(H.INCOMPATIBLE_FEATURES_AT, H.COMPATIBLE_FEATURES_AT)
+
+    def _metadata_clusters(self, limit: int) -> bytearray:
+        """One byte per cluster below ``limit``: 1 where any protected metadata lies."""
+        used = bytearray(limit)
+        regions = self._overlap_regions()
+        spans = sorted(
+            (o >> self.cb, min(limit, (o + n + self.cs - 1) >> self.cb))
+            for _, o, n in regions.ranges + regions.late
+            if n > 0
+        )
+        reach = 0
+        for lo, hi in spans:
+            lo = max(lo, reach)
+            if lo < hi:
+                used[lo:hi] = b"\1" * (hi - lo)
+                reach = hi
+        for c in regions.active_l2 | regions.refblocks:
+            if c < limit:
+                used[c] = 1
+        return used
 
     # COPIED ---------------------------------------------------------------------------------
 
@@ -954,8 +1126,12 @@ class _Checker:
                 if repair:
                     new = l1_entry | L1_COPIED if count == 1 else l1_entry & ~L1_COPIED
                     self.l1[i] = new
+                    at = self.head.l1_offset + i * WORD
+                    if self._overlaps(at, WORD, "active L1 table"):
+                        res.check_errors += 1
+                        raise _Failed(errno.EIO)
                     try:
-                        self._write(self.head.l1_offset + i * WORD, new.to_bytes(WORD, "big"))
+                        self._write(at, new.to_bytes(WORD, "big"))
                         self._sync()
                     except OSError as exc:
                         res.check_errors += 1
@@ -986,6 +1162,13 @@ class _Checker:
                         table[j * step] = entry | L2_COPIED if count == 1 else entry & ~L2_COPIED
                         dirty += 1
             if dirty:
+                if self._overlaps(l2_offset, self.cs, "active L2 table"):
+                    self.log(
+                        "ERROR: Could not write L2 table; metadata overlap check failed: "
+                        f"{os.strerror(errno.EIO)}"
+                    )
+                    res.check_errors += 1
+                    raise _Failed(errno.EIO)
                 try:
                     self._write(l2_offset, words_to_bytes(table, True))
                 except OSError as exc:
@@ -1009,23 +1192,17 @@ class _Checker:
         not occupy, are used, so until the header switches the old structure stays intact.
         """
         cs = self.cs
-        reserved: set[int] = set()
-        old_table = self.head.refcount_table_offset
+        # clusters of the old structure and of every other piece of metadata qemu protects,
+        # counted or not (an unaligned refblock, a broken snapshot L1 ...), stay untouched
         limit = self.nb_clusters
-        for c in range(old_table >> self.cb, -(-(old_table + len(self.rc.table) * WORD) // cs)):
-            if c < limit:
-                reserved.add(c)
-        for entry in self.rc.table:
-            c = (entry & REFT_OFFSET) >> self.cb
-            if entry and c < limit:
-                reserved.add(c)
+        reserved = self._metadata_clusters(limit)
         hint = [1]
 
         def allocate(count: int) -> int:
             k = start = hint[0]
             run = 0
             while run < count:
-                if self._ref(k) or k in reserved:
+                if self._ref(k) or (k < limit and reserved[k]):
                     run = 0
                 else:
                     if not run:
@@ -1071,7 +1248,15 @@ class _Checker:
                 block = q.RefcountBlock(
                     cluster_bits=self.cb, refcount_order=self.order, **{field_name: chunk}
                 )
+                if self._overlaps(c << self.cb, cs):
+                    self.log("ERROR writing refblock: Input/output error")
+                    res.check_errors += 1
+                    raise _Failed(errno.EIO)
                 self._write(c << self.cb, block.build())
+            if self._overlaps(table_start << self.cb, table_clusters * cs):
+                self.log("ERROR writing reftable: Input/output error")
+                res.check_errors += 1
+                raise _Failed(errno.EIO)
             self._write(table_start << self.cb, words_to_bytes(table, True))
             self._sync()
             self._switch_refcount_table(table_start << self.cb, table_clusters)
@@ -1081,6 +1266,7 @@ class _Checker:
             raise _Failed(exc.errno or errno.EIO) from exc
         self._stat()
         self.rc = Refcounts(self.f, self.cb, self.order, table, table_start << self.cb)
+        self.overlap_map = None
 
     # snapshots ----------------------------------------------------------------------------------
 
@@ -1276,6 +1462,8 @@ class _Checker:
         if size:
             new_offset = rc.allocate(-(-size // self.cs)) << self.cb
             self._write_refcounts()
+            if self._overlaps(new_offset, size):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
             self._write(new_offset, data)
             self._sync()
         old_offset, old_size = head.snapshots_offset, self.snapshots_size
@@ -1283,6 +1471,7 @@ class _Checker:
         head.nb_snapshots = raw.num_snapshots = len(self.snapshots)
         head.snapshots_offset = raw.ofs_snapshot_table = new_offset
         self._write_header(H.NUM_SNAPSHOTS_AT, H.INCOMPATIBLE_FEATURES_AT)
+        self.overlap_map = None
         if old_size > 0:
             for c in range(old_offset >> self.cb, ((old_offset + old_size - 1) >> self.cb) + 1):
                 if self._stored(c):

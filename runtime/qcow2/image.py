@@ -7,6 +7,7 @@ unallocated clusters one read of the backing image, zero runs no I/O at all.
 
 from __future__ import annotations
 
+import os
 from array import array
 from dataclasses import dataclass
 from itertools import pairwise
@@ -15,6 +16,7 @@ from typing import Any, BinaryIO
 
 from ..cache import LruCache
 from ..compress import inflate_cluster, unzstd_cluster
+from ..crypto import SectorCipher
 from ..generated import qcow2 as q
 from ..image import Extent, Image, ImageError, UsageError
 from .header import Qcow2Header, load_header
@@ -35,7 +37,17 @@ L2_CACHE_BYTES = 32 << 20
 COMPRESSED_CACHE_BYTES = 8 << 20
 
 # what a guest range reads from
-_DATA, _ZERO, _BACKING = 0, 1, 2
+_DATA, _ZERO, _BACKING, _COMPRESSED = 0, 1, 2, 3
+
+
+def _add(runs: list[tuple[int, int, int, int]], kind: int, guest: int, host: int, n: int) -> None:
+    """Append a run, merging it into the previous one when it continues it."""
+    if runs:
+        k, g, h, length = runs[-1]
+        if k == kind and g + length == guest and (kind != _DATA or h + length == host):
+            runs[-1] = (k, g, h, length + n)
+            return
+    runs.append((kind, guest, host, n))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +91,32 @@ class Qcow2Image(Qcow2Writer, Image):
         self._l2_cache: LruCache[int, array[int]] = LruCache(L2_CACHE_BYTES // head.cluster_size)
         self._zcache: LruCache[int, bytes] = LruCache(COMPRESSED_CACHE_BYTES // head.cluster_size)
         self._snapshot: SnapshotInfo | None = None
+        self._cipher: SectorCipher | None = None
         self._writer_init()
 
     @classmethod
     def load_header(cls, f: BinaryIO) -> Qcow2Header:
         return load_header(f)
+
+    def unlock(self, passphrase: bytes) -> None:
+        """Give the key of an encrypted image (LUKS or the legacy AES method)."""
+        from ..crypto import luks_unlock, qcow_aes_cipher
+
+        head = self.head
+        if head.crypt_method == q.CryptMethod.AES:
+            self._cipher = qcow_aes_cipher(passphrase)
+        elif head.crypt_method == q.CryptMethod.LUKS:
+            assert head.encryption is not None
+            fde = head.encryption
+            header = fde.read_encryption_header(self._f)
+            base = fde.ofs_encryption_header
+
+            def read(offset: int, n: int) -> bytes:
+                return self._host_read(self._f, n, base + offset)
+
+            self._cipher = luks_unlock(header, read, passphrase)
+        else:
+            raise UsageError(f"{self.path}: the image is not encrypted")
 
     # tables ---------------------------------------------------------------------------------
 
@@ -111,7 +144,53 @@ class Qcow2Image(Qcow2Writer, Image):
     # reading --------------------------------------------------------------------------------
 
     def _read(self, n: int, offset: int) -> bytes:
+        runs = self._plan(offset, n)
+        if len(runs) == 1 and runs[0][0] == _DATA and self._cipher is None:
+            # the common sequential case: one contiguous host range, no copies
+            _, _, host, length = runs[0]
+            return self._host_read(self._data_fd(), length, host)
         out = bytearray(n)
+        view = memoryview(out)
+        for kind, guest, host, length in runs:
+            at = guest - offset
+            if kind == _DATA:
+                self._read_data(view[at : at + length], host, guest)
+            elif kind == _BACKING:
+                self._fill_backing(out, at, guest, length)
+            elif kind == _COMPRESSED:
+                cluster = self._compressed(host)
+                start = guest & (self.cluster_size - 1)
+                out[at : at + length] = cluster[start : start + length]
+        return bytes(out)
+
+    def _data_fd(self) -> BinaryIO:
+        return self._data if self._data is not None else self._f
+
+    def _read_data(self, target: memoryview, host: int, guest: int) -> None:
+        """Host bytes into ``target`` (zeros past the end of the file), decrypted if needed."""
+        fd = self._data_fd().fileno()
+        if self._cipher is None:
+            if self.head.crypt_method != q.CryptMethod.NONE:
+                raise ImageError(
+                    f"{self.path}: the image is encrypted; open it with its passphrase"
+                )
+            got = os.preadv(fd, [target], host)
+            if got < len(target):
+                target[got:] = bytes(len(target) - got)
+            return
+        # whole sectors are the cipher's unit: widen, decrypt, cut
+        lead = host % 512
+        span = -(-(lead + len(target)) // 512) * 512
+        sealed = self._host_read(self._data_fd(), span, host - lead)
+        luks = self.head.crypt_method == q.CryptMethod.LUKS
+        sector = ((host if luks else guest) - lead) // 512
+        plain = self._cipher.decrypt(sealed, sector)
+        target[:] = plain[lead : lead + len(target)]
+
+    def _plan(self, offset: int, n: int) -> list[tuple[int, int, int, int]]:
+        """Where guest bytes [offset, offset + n) come from: (kind, guest, host, length) runs,
+        merged when contiguous (a compressed run's host is its L2 entry)."""
+        runs: list[tuple[int, int, int, int]] = []
         pos, end = offset, offset + n
         shift = self.head.l1_shift
         while pos < end:
@@ -119,49 +198,49 @@ class Qcow2Image(Qcow2Writer, Image):
             stop = min(end, (l1_index + 1) << shift)
             table = self._l2(l1_index)
             if table is None:
-                self._fill_backing(out, pos - offset, pos, stop - pos)
+                _add(runs, _BACKING, pos, 0, stop - pos)
             else:
-                self._read_table_span(out, offset, pos, stop, table, l1_index)
+                self._plan_table(runs, pos, stop, table, l1_index)
             pos = stop
-        return bytes(out)
+        return runs
 
-    def _read_table_span(
-        self, out: bytearray, base: int, pos: int, stop: int, table: array[int], l1_index: int
+    def _plan_table(
+        self,
+        runs: list[tuple[int, int, int, int]],
+        pos: int,
+        stop: int,
+        table: array[int],
+        l1_index: int,
     ) -> None:
-        """Fill ``out`` for guest bytes [pos, stop), all mapped by one L2 table."""
+        """Plan guest bytes [pos, stop), all mapped by one L2 table."""
         cb = self.head.cluster_bits
         cs = self.cluster_size
         mask = cs - 1
         extended = self.head.extended_l2
         v2 = self.head.version < 3
-        data_file = self.head.has_data_file
-        # the current run: kind, guest start, host start (for data), length
-        run_kind, run_guest, run_host, run_len = -1, pos, 0, 0
+        data_file = self._data is not None or self.head.has_data_file
+        index_mask = (1 << self.head.l2_bits) - 1
         while pos < stop:
-            index = (pos >> cb) & ((1 << self.head.l2_bits) - 1)
+            index = (pos >> cb) & index_mask
             cend = min(stop, ((pos >> cb) + 1) << cb)
             entry = table[2 * index] if extended else table[index]
-            pieces: list[tuple[int, int, int]]  # (kind, guest, host) per contiguous piece
             if entry & L2_COMPRESSED:
                 if data_file:
                     raise ImageError(
                         f"{self.path}: Compressed cluster entry found in image with external "
                         f"data file (L2 index {index:#x})"
                     )
-                if run_len:
-                    self._flush(out, base, run_kind, run_guest, run_host, run_len)
-                    run_kind, run_len = -1, 0
-                cluster = self._compressed(entry)
-                start = pos & mask
-                out[pos - base : cend - base] = cluster[start : start + cend - pos]
+                runs.append((_COMPRESSED, pos, entry, cend - pos))
                 pos = cend
-                run_guest = pos
                 continue
             host = entry & L2_OFFSET
             if extended:
                 pieces = self._subcluster_pieces(
                     entry, table[2 * index + 1], pos, cend, index, l1_index
                 )
+                pieces.append((-1, cend, 0))
+                for (kind, g, h), (_, g_next, _) in pairwise(pieces):
+                    _add(runs, kind, g, h, g_next - g)
             else:
                 if entry & L2_ZERO:
                     if v2:
@@ -169,30 +248,17 @@ class Qcow2Image(Qcow2Writer, Image):
                             f"{self.path}: Zero cluster entry found in pre-v3 image (L2 index: "
                             f"{index:#x}, L1 index: {l1_index})"
                         )
-                    kind = _ZERO
+                    _add(runs, _ZERO, pos, 0, cend - pos)
                 elif host or (data_file and entry & L2_COPIED):
                     if host & mask:
                         raise ImageError(
                             f"{self.path}: Cluster allocation offset {host:#x} unaligned "
                             f"(L1 index: {l1_index}, L2 index: {index:#x})"
                         )
-                    kind = _DATA
+                    _add(runs, _DATA, pos, host + (pos & mask), cend - pos)
                 else:
-                    kind = _BACKING
-                pieces = [(kind, pos, host + (pos & mask))]
-            pieces.append((-1, cend, 0))
-            for (kind, g, h), (_, g_next, _) in pairwise(pieces):
-                length = g_next - g
-                contiguous = run_kind == kind and (kind != _DATA or run_host + run_len == h)
-                if contiguous and run_guest + run_len == g:
-                    run_len += length
-                    continue
-                if run_len:
-                    self._flush(out, base, run_kind, run_guest, run_host, run_len)
-                run_kind, run_guest, run_host, run_len = kind, g, h, length
+                    _add(runs, _BACKING, pos, 0, cend - pos)
             pos = cend
-        if run_len:
-            self._flush(out, base, run_kind, run_guest, run_host, run_len)
 
     def _subcluster_pieces(
         self, entry: int, bitmap: int, pos: int, cend: int, index: int, l1_index: int
@@ -229,17 +295,6 @@ class Qcow2Image(Qcow2Writer, Image):
             pieces.append((kind, g, host + (g - cluster_start)))
         return pieces
 
-    def _flush(
-        self, out: bytearray, base: int, kind: int, guest: int, host: int, length: int
-    ) -> None:
-        at = guest - base
-        if kind == _DATA:
-            f = self._data if self._data is not None else self._f
-            self._check_encryption()
-            out[at : at + length] = self._host_read(f, length, host)
-        elif kind == _BACKING:
-            self._fill_backing(out, at, guest, length)
-
     def _fill_backing(self, out: bytearray, at: int, guest: int, length: int) -> None:
         backing = self.backing
         if backing is None or guest >= backing.size:
@@ -247,15 +302,11 @@ class Qcow2Image(Qcow2Writer, Image):
         n = min(length, backing.size - guest)
         out[at : at + n] = backing._read(n, guest)
 
-    def _check_encryption(self) -> None:
-        if self.head.crypt_method != q.CryptMethod.NONE:
-            raise ImageError(f"{self.path}: reading encrypted qcow2 images is not supported yet")
 
     def _compressed(self, entry: int) -> bytes:
         cached = self._zcache.peek(entry)
         if cached is not None:
             return cached
-        self._check_encryption()
         desc = q.CompressedDescriptor(cluster_bits=self.head.cluster_bits, raw=entry)
         offset = desc.ofs_compressed
         data = self._host_read(self._f, desc.len_compressed_max, offset)

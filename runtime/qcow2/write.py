@@ -29,6 +29,7 @@ from .refcount import Refcounts
 
 if TYPE_CHECKING:
     from ..cache import LruCache
+    from ..crypto import SectorCipher
     from .header import Qcow2Header
 
 __all__ = ["Qcow2Writer"]
@@ -59,6 +60,7 @@ class Qcow2Writer:
     _l1: array[int]
     _l2_cache: LruCache[int, array[int]]
     _zcache: LruCache[int, bytes]
+    _cipher: SectorCipher | None
 
     def _read(self, n: int, offset: int) -> bytes:
         raise NotImplementedError
@@ -200,6 +202,9 @@ class Qcow2Writer:
         in_place = (
             entry & L2_COPIED and not entry & L2_COMPRESSED and (entry & L2_OFFSET or self._data)
         )
+        if self._cipher is not None:
+            self._write_encrypted(cstart, inner, chunk, entry, bool(in_place), l1_index, slot)
+            return
         if in_place:
             host = entry & L2_OFFSET
             if ext:
@@ -238,6 +243,34 @@ class Qcow2Writer:
         if ext:
             table[slot + 1] = bitmap
         self._release(old)
+
+    def _write_encrypted(
+        self,
+        cstart: int,
+        inner: int,
+        chunk: memoryview,
+        entry: int,
+        in_place: bool,
+        l1_index: int,
+        slot: int,
+    ) -> None:
+        """Encrypted images are written whole clusters at a time (sectors are the cipher's
+        unit): the cluster's current content with the new bytes, encrypted, then mapped."""
+        assert self._cipher is not None
+        cs = self.cluster_size
+        content = self._guest_cluster(cstart)
+        content[inner : inner + len(chunk)] = chunk
+        host = entry & L2_OFFSET if in_place else self._refcounts().allocate(1) * cs
+        luks = self.head.crypt_method == q.CryptMethod.LUKS
+        sealed = self._cipher.encrypt(bytes(content), (host if luks else cstart) // 512)
+        self._host_write(host, sealed)
+        _, table = self._writable_table(l1_index)
+        old = table[slot]
+        table[slot] = host | L2_COPIED
+        if self.head.extended_l2:
+            table[slot + 1] = SUB_ALLOC
+        if not in_place:
+            self._release(old)
 
     def _fill_subclusters(self, cstart: int, host: int, inner: int, n: int, bitmap: int) -> int:
         """Mark written subclusters allocated; fill the unwritten part of partial ones."""
