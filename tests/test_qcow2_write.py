@@ -346,3 +346,32 @@ def test_bitmaps_are_marked_like_qemu(corpus: list[CorpusImage], tmp_path: Path)
     assert any(bits.strip(b"\0") for _, bits in got.values())  # something was marked
     report = qemu_check(ours)
     assert report["rc"] == 0 and report.get("leaks", 0) == 0, report
+
+
+def test_writes_over_metadata_are_refused_and_mark_corrupt(tmp_path: Path) -> None:
+    import struct
+
+    from diskspec.generated import qcow2 as q
+
+    path = tmp_path / "hostile.qcow2"
+    diskspec.create(path, "qcow2", "4M")
+    with diskspec.open(path, "r+") as img:
+        img.pwrite(b"\x01" * 65536, 0)
+    data = bytearray(path.read_bytes())
+    head = q.Header.parse(data)
+    l2 = struct.unpack_from(">Q", data, head.ofs_l1_table)[0] & q.L1Entry.OFS_L2_TABLE_DIV512_MASK
+    # the first L2 entry now claims the refcount table as its data cluster (COPIED set)
+    struct.pack_into(">Q", data, l2, q.L2Entry.COPIED_MASK | head.ofs_refcount_table)
+    path.write_bytes(bytes(data))
+    table_before = bytes(data[head.ofs_refcount_table : head.ofs_refcount_table + 65536])
+    img = diskspec.open(path, "r+")
+    with pytest.raises(diskspec.ImageError, match="Preventing invalid write on metadata"):
+        img.pwrite(b"\x02" * 512, 0)
+    img.close()
+    after = path.read_bytes()
+    assert after[head.ofs_refcount_table : head.ofs_refcount_table + 65536] == table_before
+    assert q.Header.parse(after).incompatible_features & q.IncompatibleFeature.CORRUPT
+    with pytest.raises(diskspec.ImageError, match="Image is corrupt; cannot be opened read/write"):
+        diskspec.open(path, "r+")
+    with diskspec.open(path) as ro:  # read-only opens still work, as in qemu
+        assert ro.pread(512, 65536) == bytes(512)

@@ -1092,6 +1092,10 @@ class _Checker:
                 used[c] = 1
         return used
 
+    def _protected(self, k: int) -> bool:
+        """Whether cluster ``k`` holds metadata the overlap check protects."""
+        return self._overlap(k << self.cb, self.cs, "qcow2_header") is not None
+
     # COPIED ---------------------------------------------------------------------------------
 
     def _stored(self, k: int) -> int | None:
@@ -1202,7 +1206,7 @@ class _Checker:
             k = start = hint[0]
             run = 0
             while run < count:
-                if self._ref(k) or (k < limit and reserved[k]):
+                if self._ref(k) or (reserved[k] if k < limit else self._protected(k)):
                     run = 0
                 else:
                     if not run:

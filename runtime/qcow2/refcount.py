@@ -54,6 +54,7 @@ class Refcounts:
         self.on_table_moved: list[tuple[int, int]] = []  # (old offset, old clusters) to free
         self.generation = 0  # bumped when the table moves (allocation scans restart)
         self.frees = 0  # bumped whenever a cluster becomes free
+        self.created = 0  # refcount blocks created
 
     # blocks ---------------------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class Refcounts:
         home = max(index << self.per_block_bits, 1)  # every cluster of the range is free
         block[home & (self.per_block - 1)] = 1
         self.blocks[index] = block
+        self.created += 1
         self.table[index] = home << self.cluster_bits
         self.table_dirty = True
         self.dirty.add(index)

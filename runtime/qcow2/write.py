@@ -80,6 +80,9 @@ class Qcow2Writer:
         self._bitmaps: DirtyBitmaps | None = None
         self._zpos: int | None = None  # where the next compressed data may be packed
         self._zfrees = -1
+        self._meta_gen = 0  # bumped when metadata clusters are added
+        self._meta_key: tuple[int, ...] = ()
+        self._meta_set: set[int] = set()
 
     def _refcounts(self) -> Refcounts:
         if self._rc is None:
@@ -157,6 +160,7 @@ class Qcow2Writer:
         else:
             table = array("Q", bytes(self.cluster_size))
         self._l2_dirty[new] = table
+        self._meta_gen += 1
         self._l1[l1_index] = new | L1_COPIED
         self._l1_dirty.add(l1_index)
         return new, table
@@ -207,6 +211,7 @@ class Qcow2Writer:
             return
         if in_place:
             host = entry & L2_OFFSET
+            self._no_metadata_overlap(host, l1_index, index)
             if ext:
                 bitmap = self._fill_subclusters(cstart, host, inner, len(chunk), bitmap)
                 self._host_write(host + inner, chunk)
@@ -271,6 +276,49 @@ class Qcow2Writer:
             table[slot + 1] = SUB_ALLOC
         if not in_place:
             self._release(old)
+
+    def _metadata_clusters(self) -> set[int]:
+        """Host clusters holding metadata: header, L1, L2 tables, refcount table and blocks,
+        snapshot table and snapshot L1s (what qemu's overlap check protects)."""
+        head = self.head
+        cs = self.cluster_size
+
+        def span(offset: int, size: int) -> range:
+            return range(offset // cs, -(-(offset + size) // cs)) if size else range(0)
+
+        found: set[int] = {0}
+        found.update(span(head.l1_offset, 8 * head.l1_size))
+        found.update(e & L1_OFFSET and (e & L1_OFFSET) // cs for e in self._l1 if e & L1_OFFSET)
+        found.update(offset // cs for offset in self._l2_dirty)
+        rc = self._refcounts()
+        found.update(span(rc.table_offset, 8 * len(rc.table)))
+        found.update(rc.block_offset(i) // cs for i in range(len(rc.table)) if rc.block_offset(i))
+        if head.nb_snapshots:
+            entries = head.raw.read_snapshot_table(self._f)
+            found.update(span(head.snapshots_offset, sum(len(e.build()) for e in entries)))
+            for e in entries:
+                found.update(span(e.ofs_l1_table, 8 * e.num_l1_entries))
+        return found
+
+    def _no_metadata_overlap(self, host: int, l1_index: int, index: int) -> None:
+        """Refuse (and mark the image corrupt, as qemu does) a guest write over metadata."""
+        if self._data is not None:
+            return
+        rc = self._refcounts()
+        key = (self._meta_gen, rc.generation, rc.created, self.head.l1_offset,
+               self.head.snapshots_offset, self.head.nb_snapshots)
+        if self._meta_key != key:
+            self._meta_set = self._metadata_clusters()
+            self._meta_key = key
+        if host // self.cluster_size not in self._meta_set:
+            return
+        message = (f"Preventing invalid write on metadata (L2 entry {index:#x} of L1 index "
+                   f"{l1_index} points at host offset {host:#x})")
+        if self.head.version >= 3:
+            corrupt = int(self.head.incompatible) | int(q.IncompatibleFeature.CORRUPT)
+            self._write_features(corrupt, int(self.head.autoclear))
+        self.writable = False
+        raise ImageError(f"{self.path}: qcow2: Marking image as corrupt: {message}")
 
     def _fill_subclusters(self, cstart: int, host: int, inner: int, n: int, bitmap: int) -> int:
         """Mark written subclusters allocated; fill the unwritten part of partial ones."""
