@@ -1,21 +1,331 @@
-"""The ``diskspec`` command line (a thin layer over the Python API, shaped like qemu-img)."""
+"""The ``diskspec`` command line: qemu-img's subcommands, flags, JSON and exit codes.
+
+A thin layer over the Python API (diskspec.open, diskspec.create, the image methods). Errors
+are one line, ``diskspec: error: ...``, with qemu-img's exit code; never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import FormatError
+from .image import Image, UsageError
 
 __all__ = ["main"]
+
+EXIT_ERROR = 1
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"diskspec: error: {message}\n")
-        raise SystemExit(1)
+        raise SystemExit(EXIT_ERROR)
+
+
+class CliError(Exception):
+    """A failure to report as one line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _secrets(args: argparse.Namespace) -> dict[str, bytes]:
+    """``--object secret,id=ID,data=...|file=...`` as qemu-img takes them."""
+    found: dict[str, bytes] = {}
+    for spec in getattr(args, "object", None) or []:
+        fields = dict(part.split("=", 1) for part in spec.split(",")[1:] if "=" in part)
+        if not spec.startswith("secret,") or "id" not in fields:
+            raise CliError(f"unsupported --object '{spec}' (only secret objects are known)")
+        if "data" in fields:
+            found[fields["id"]] = fields["data"].encode("utf-8")
+        elif "file" in fields:
+            found[fields["id"]] = Path(fields["file"]).read_bytes()
+        else:
+            raise CliError(f"secret '{fields['id']}' needs data= or file=")
+    return found
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    secrets = _secrets(args)
+    if len(secrets) == 1:
+        return next(iter(secrets.values()))
+    return None
+
+
+def _open(args: argparse.Namespace, filename: str, mode: str = "r", fmt: str | None = None,
+          backing: bool = True) -> Image:
+    from . import open as open_image
+
+    return open_image(filename, mode, fmt if fmt is not None else getattr(args, "f", None),
+                      backing=backing, passphrase=_passphrase(args))
+
+
+def _options(text: str | None) -> dict[str, str]:
+    """``-o key=value,key=value`` (qemu doubles commas inside values)."""
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    for part in text.replace(",,", "\0").split(","):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        out[key.strip()] = value.replace("\0", ",") if _ else "on"
+    return out
+
+
+def _size(text: str) -> int:
+    from .qcow2.create import parse_size
+
+    return parse_size(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# info, map, check
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .qcow2.image import Qcow2Image
+    from .qcow2.info import format_info_human, format_info_json
+
+    with _open(args, args.filename) as img:
+        if isinstance(img, Qcow2Image):
+            info: Any = img.info_chain() if args.backing_chain else img.info()
+        else:
+            from .qcow2.info import layer_info
+
+            info = layer_info(img, args.filename)
+            if args.backing_chain:
+                info = [info]
+        if args.output == "json":
+            sys.stdout.write(format_info_json(info))
+        else:
+            sys.stdout.write(format_info_human(info))
+    return 0
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    from .qcow2.mapping import MapFormatError, format_map_human, format_map_json
+
+    with _open(args, args.filename) as img:
+        extents = img.map()
+        if args.output == "json":
+            sys.stdout.write(format_map_json(extents))
+            return 0
+        try:
+            sys.stdout.write(format_map_human(extents))
+        except MapFormatError as exc:
+            sys.stdout.write(exc.output)  # what qemu-img prints before it gives up
+            raise CliError(str(exc)) from exc
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .qcow2.image import Qcow2Image
+
+    mode = "r+" if args.r else "r"
+    with _open(args, args.filename, mode) as img:
+        if not isinstance(img, Qcow2Image):
+            sys.stderr.write(
+                "diskspec: error: This image format does not support checks\n"
+            )
+            return 63
+        result = img.check(repair=args.r)
+    for line in result.messages:
+        sys.stderr.write(line + "\n")
+    if result.failed is not None:
+        sys.stderr.write(f"diskspec: error: {result.failed}\n")
+        return result.exit_code()
+    if args.output == "json":
+        from .qcow2.info import format_info_json, qdict_order
+
+        report = qdict_order(list(result.to_json_dict(args.filename).items()))
+        sys.stdout.write(format_info_json(report))
+    else:
+        sys.stdout.write(result.human(args.filename))
+    return result.exit_code()
+
+
+# ------------------------------------------------------------------------------------------------
+# create, resize, snapshot
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    from . import create
+
+    options: dict[str, Any] = _options(args.o)
+    if args.b:
+        options["backing_file"] = args.b
+    if args.F:
+        options["backing_fmt"] = args.F
+    size: int | str | None = args.size
+    if size is None and "size" not in options:
+        if not args.b:
+            raise CliError("Image creation needs a size parameter")
+        with _open(args, _backing_path(args.filename, args.b), fmt=args.F) as base:
+            size = base.size
+    fmt = args.f or "raw"
+    create(args.filename, fmt, size if size is not None else options.pop("size"), **options)
+    if not args.q:
+        shown = ", ".join(f"{k}={v}" for k, v in options.items())
+        sys.stdout.write(f"Formatting '{args.filename}', fmt={fmt}"
+                         f"{' ' + shown if shown else ''}\n")
+    return 0
+
+
+def _backing_path(image: str, backing: str) -> str:
+    return backing if os.path.isabs(backing) else os.path.join(os.path.dirname(image), backing)
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    text: str = args.size
+    with _open(args, args.filename, "r+") as img:
+        if text.startswith(("+", "-")):
+            delta = _size(text[1:])
+            new = img.size + delta if text[0] == "+" else img.size - delta
+        else:
+            new = _size(text)
+        if new < 0:
+            raise CliError("New image size must be positive")
+        resize: Callable[..., None] | None = getattr(img, "resize", None)
+        if resize is None:
+            raise CliError("Image format driver does not support resize")
+        resize(new, shrink=args.shrink)
+    sys.stdout.write("Image resized.\n")
+    return 0
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    from .qcow2.image import Qcow2Image
+
+    write = args.c or args.a or args.d
+    with _open(args, args.filename, "r+" if write else "r") as img:
+        if not isinstance(img, Qcow2Image):
+            raise CliError(f"Could not {'create' if args.c else 'list'} snapshot: "
+                           "Operation not supported")
+        if args.c:
+            img.create_snapshot(args.c)
+        elif args.a:
+            img.apply_snapshot(args.a)
+        elif args.d:
+            img.delete_snapshot(args.d)
+        else:
+            sys.stdout.write(_snapshot_table(img))
+    return 0
+
+
+def _snapshot_table(img: Any) -> str:
+    from .qcow2.info import format_snapshot_list
+
+    return format_snapshot_list(img)
+
+
+# ------------------------------------------------------------------------------------------------
+# compare and convert
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        a = _open(args, args.filename1, fmt=args.f)
+        b = _open(args, args.filename2, fmt=args.F)
+    except (FormatError, UsageError, OSError) as exc:
+        sys.stderr.write(f"diskspec: error: {exc}\n")
+        return 2
+    with a, b:
+        if args.s and a.size != b.size:
+            sys.stdout.write("Strict mode: Image size mismatch!\n")
+            return 1
+        step = 1 << 20
+        for off in range(0, max(a.size, b.size), step):
+            n = min(step, max(a.size, b.size) - off)
+            x = a.pread(min(n, max(0, a.size - off)), off) if off < a.size else b""
+            y = b.pread(min(n, max(0, b.size - off)), off) if off < b.size else b""
+            x, y = x.ljust(n, b"\0"), y.ljust(n, b"\0")
+            if x != y:
+                at = off + next(i for i in range(n) if x[i] != y[i])
+                sys.stdout.write(f"Content mismatch at offset {at}!\n")
+                return 1
+    sys.stdout.write("Images are identical.\n")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from . import create
+    from .qcow2.image import Qcow2Image
+
+    *sources, target = args.filenames
+    if not sources:
+        raise CliError("Expecting image file name")
+    opened: list[Image] = []
+    try:
+        for name in sources:
+            img = _open(args, name)
+            if args.l:
+                snap = args.l.split("snapshot.name=", 1)[-1].split(",")[0]
+                if not isinstance(img, Qcow2Image):
+                    raise CliError("Failed to load snapshot: Operation not supported")
+                img = img.open_snapshot(snap)
+            opened.append(img)
+        total = sum(i.size for i in opened)
+        fmt = args.O or "raw"
+        options: dict[str, Any] = _options(args.o)
+        if args.B:
+            options |= {"backing_file": args.B, "backing_fmt": args.F or "raw"}
+        if not args.n:
+            create(target, fmt, total, **options)
+        sparse = _size(args.S) if args.S else 4096
+        with _open(args, target, "r+", fmt=fmt) as out:
+            _copy(opened, out, sparse, args.c, args.p)
+    finally:
+        for img in opened:
+            img.close()
+    return 0
+
+
+def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progress: bool) -> None:
+    """Copy guest data, skipping zero ranges (-S) and writing whole clusters compressed (-c)."""
+    total = sum(s.size for s in sources)
+    step = getattr(out, "cluster_size", 0) if compress else 1 << 20
+    step = max(step, sparse or 512) if not compress else step
+    base = 0
+    done = 0
+    write_compressed = getattr(out, "write_compressed", None)
+    if compress and write_compressed is None:
+        raise CliError("Compression not supported for this file format")
+    for src in sources:
+        for off in range(0, src.size, step):
+            n = min(step, src.size - off)
+            data = src.pread(n, off)
+            if compress:
+                if data.count(0) != len(data):
+                    assert write_compressed is not None
+                    write_compressed(data, base + off)
+            elif sparse:
+                for at in range(0, n, sparse):
+                    piece = data[at : at + sparse]
+                    if piece.count(0) != len(piece):
+                        out.pwrite(piece, base + off + at)
+            else:
+                out.pwrite(data, base + off)
+            done += n
+            if progress:
+                sys.stderr.write(f"\r    ({100.0 * done / max(total, 1):.2f}/100%)")
+        base += src.size
+    if progress:
+        sys.stderr.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -39,9 +349,98 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# the parser
+
+
+def _common(p: argparse.ArgumentParser, fmt: bool = True) -> None:
+    p.add_argument("--object", action="append", help="secret,id=ID,data=PASS (passphrase)")
+    p.add_argument("-U", "--force-share", action="store_true", help="accepted, no effect")
+    if fmt:
+        p.add_argument("-f", help="image format (default: from the magic, raw otherwise)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="diskspec", description="qcow, qcow2 and FVD disk image toolkit")
+    parser = _Parser(prog="diskspec", description="qcow, qcow2 and FVD disk image toolkit "
+                     "(subcommands and flags as qemu-img)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="show an image's format and metadata")
+    _common(p)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--backing-chain", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("map", help="show where the guest data lives")
+    _common(p)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_map)
+
+    p = sub.add_parser("check", help="check (and repair) an image's consistency")
+    _common(p)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-r", choices=["leaks", "all"])
+    p.add_argument("-q", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("create", help="create an image")
+    _common(p)
+    p.add_argument("-o", help="options, key=value,...")
+    p.add_argument("-b", help="backing file")
+    p.add_argument("-F", help="backing file format")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("-u", action="store_true", help="do not open the backing file")
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?")
+    p.set_defaults(func=_cmd_create)
+
+    p = sub.add_parser("resize", help="change the virtual size")
+    _common(p)
+    p.add_argument("--shrink", action="store_true")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("filename")
+    p.add_argument("size")
+    p.set_defaults(func=_cmd_resize)
+
+    p = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
+    _common(p, fmt=False)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-l", action="store_true")
+    group.add_argument("-c", metavar="NAME")
+    group.add_argument("-a", metavar="NAME")
+    group.add_argument("-d", metavar="NAME")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_snapshot)
+
+    p = sub.add_parser("compare", help="compare the guest content of two images")
+    _common(p)
+    p.add_argument("-F", help="format of the second image")
+    p.add_argument("-s", action="store_true", help="strict: sizes must match")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("filename1")
+    p.add_argument("filename2")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("convert", help="copy images, changing format")
+    _common(p)
+    p.add_argument("-O", help="output format (default raw)")
+    p.add_argument("-o", help="output options")
+    p.add_argument("-c", action="store_true", help="compress the output")
+    p.add_argument("-l", help="snapshot.name=NAME of the source")
+    p.add_argument("-B", help="backing file of the output")
+    p.add_argument("-F", help="format of that backing file")
+    p.add_argument("-n", action="store_true", help="do not create the output")
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("-S", help="sparse size (default 4k)")
+    p.add_argument("filenames", nargs="+")
+    p.set_defaults(func=_cmd_convert)
+
     gen = sub.add_parser("generate", help="regenerate diskspec.generated from specs/*.ksy")
     gen.add_argument("--check", action="store_true", help="fail and print a diff on drift")
     gen.add_argument("--specs", help="folder of .ksy files (default: the package's specs/)")
@@ -54,12 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except FormatError as exc:
+    except CliError as exc:
         sys.stderr.write(f"diskspec: error: {exc}\n")
-        return 1
+        return exc.code
+    except (FormatError, UsageError) as exc:
+        sys.stderr.write(f"diskspec: error: {exc}\n")
+        return EXIT_ERROR
     except OSError as exc:
-        sys.stderr.write(f"diskspec: error: {exc.filename or ''}: {exc.strerror or exc}\n")
-        return 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"diskspec: error: {where}{exc.strerror or exc}\n")
+        return EXIT_ERROR
     return code
 
 

@@ -100,7 +100,15 @@ def _open_qcow2(
                 raise ImageError(f"{p}: 'data-file' is required for this image")
             if backing:
                 data = _resolve(head.data_file, p).open("r+b" if mode == "r+" else "rb")
-        return Qcow2Image(p, f, mode == "r+", head, base, data)
+        img = Qcow2Image(p, f, mode == "r+", head, base, data)
+        if mode == "r+" and head.dirty:
+            # refcounts may be stale (lazy refcounts): rebuild them, as qemu does on open
+            from .qcow2.check import rebuild_refcounts
+
+            repaired = rebuild_refcounts(img)
+            if repaired.failed is not None or repaired.check_errors:
+                raise ImageError(f"{p}: Could not repair dirty image: Input/output error")
+        return img
     except BaseException:
         if base is not None:
             base.close()

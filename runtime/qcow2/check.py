@@ -20,12 +20,17 @@ flags, zeroes unaligned preallocated zero clusters, grows the file under a refco
 its end, rewrites a snapshot table with incomplete entries, and rebuilds the whole refcount
 structure when a referenced cluster has refcount 0 or the refcount table itself is broken.
 The rebuild is crash-safe: the new blocks and table go to clusters nothing references (nor
-the old structure occupies), they are synced, and only then one 12-byte synced header write
-switches to them; after that the old structure's clusters are freed. Refcount increments
-reach the disk before any COPIED flag that relies on them.
+the old structure or any other metadata occupies), they are synced, and only then one 12-byte
+synced header write switches to them; after that the old structure's clusters are freed (as
+the leaks they have become). Refcount changes reach the disk before any COPIED flag that
+relies on them. Like qemu, a repair never writes over other metadata: a write that would
+(an "L2 table" that is really the L1 table, ...) marks the image corrupt and fails the check.
 
-Every table read is bounded by qemu's limits, and the walk has a work budget, so a hostile
-image gives a counted check error or a failed check, never a hang or unbounded memory.
+Every table read is bounded by qemu's limits. What an L2 table contributes is worked out once
+and replayed for each further reference (snapshots share L2 tables, hostile L1 tables repeat
+one), so counts stay exact at the cost of distinct tables only; a work budget bounds that too.
+A hostile image gives a counted check error or a failed check, never a hang or unbounded
+memory.
 
 Entry points: :func:`check` (a file), :func:`check_image` (an open image) and
 :func:`rebuild_refcounts` (the automatic repair of a dirty image opened read-write).
@@ -37,6 +42,8 @@ import errno
 import io
 import os
 from array import array
+from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,13 +54,20 @@ from ..errors import FormatError
 from ..generated import qcow2 as q
 from ..image import UsageError
 from ..structbase import unpack_words, words_to_bytes
-from .header import Qcow2Header, load_header
+from .header import KNOWN_AUTOCLEAR, Qcow2Header, load_header
 from .refcount import MAX_REFCOUNT_TABLE, RefcountError, Refcounts
 
 if TYPE_CHECKING:
     from .image import Qcow2Image
 
-__all__ = ["CheckResult", "Repair", "check", "check_image", "rebuild_refcounts"]
+__all__ = [
+    "CheckOpenError",
+    "CheckResult",
+    "Repair",
+    "check",
+    "check_image",
+    "rebuild_refcounts",
+]
 
 Repair = Literal["leaks", "all"] | None
 
@@ -81,7 +95,6 @@ SNAPSHOT_EXTRA_KNOWN = q.SnapshotExtraData.UNKNOWN_AT  # extra data fields qemu 
 SNAPSHOT_EXTRA_V3 = q.SnapshotExtraData.ICOUNT_AT  # v3 needs vm_state_size_large, disk_size
 BITMAP_ENTRY_FIXED = q.BitmapDirectoryEntry.EXTRA_DATA_AT
 SNAPSHOT_ALIGN = 8  # snapshot entries start 8-aligned (qcow.md B.8)
-BITMAP_ALIGN = 8  # so do bitmap directory entries (qcow.md B.9)
 
 # qemu's limits (qcow.md B.1, B.8, B.9, E.3) that the generated parsers do not apply here
 MIN_CLUSTER_BITS = 9
@@ -107,6 +120,10 @@ MAX_ENTRIES_SCANNED = 1 << 27  # L1 and L2 entries looked at, zero or not, over 
 MAX_ENTRIES_COUNTED = 1 << 25  # nonzero L1 and L2 entries processed
 MAX_MESSAGES = 100_000  # lines kept; the counts stay exact beyond
 READ_WINDOW = 1 << 20
+DIFF_WINDOW = 256  # refcounts compared at once before looking at single ones
+ALLOC_WINDOW = 64 << 20  # bytes a rebuild may search past the end of the file
+EFFECT_CACHE_BYTES = 64 << 20  # remembered per-L2-table effects (replayed for shared tables)
+EVENT_BYTES = 128  # what one remembered message costs, roughly
 
 # the cluster types of qemu's qcow2_get_cluster_type
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
@@ -143,7 +160,6 @@ class CheckResult:
     failed: str | None = None
     repaired: tuple[int, int] | None = None
 
-    @property
     def exit_code(self) -> int:
         """qemu-img check's exit status: 0 clean, 1 check errors, 2 corrupt, 3 only leaks."""
         if self.failed is not None or self.check_errors:
@@ -154,11 +170,13 @@ class CheckResult:
             return 3
         return 0
 
-    def to_json_dict(self) -> dict[str, Any]:
+    def to_json_dict(self, filename: str | None = None) -> dict[str, Any]:
         """The object of ``qemu-img check --output=json``: filename, format and check-errors
-        always, the other fields only when nonzero. (qemu prints nothing when ``failed``.)"""
+        always, the other fields only when nonzero. qemu prints nothing when ``failed``.
+
+        ``filename`` replaces the reported name (qemu-img reports the name it was given)."""
         out: dict[str, Any] = {
-            "filename": self.filename,
+            "filename": self.filename if filename is None else filename,
             "format": self.format,
             "check-errors": self.check_errors,
         }
@@ -177,8 +195,11 @@ class CheckResult:
                 out[key] = value
         return out
 
-    def human(self) -> str:
-        """What ``qemu-img check`` prints on stdout in its human format."""
+    def human(self, filename: str | None = None) -> str:
+        """What ``qemu-img check`` prints on stdout in its human format (nothing when
+        ``failed``: qemu-img then only prints the error). ``filename`` is accepted like
+        :meth:`to_json_dict` takes it; the human report does not name the file."""
+        del filename
         lines: list[str] = []
         if self.failed is not None:
             return ""
@@ -246,10 +267,11 @@ class _Counts:
 class _Failed(Exception):
     """A step returned -errno in qemu: the check ends without a report."""
 
-    def __init__(self, err: int, why: str = "") -> None:
+    def __init__(self, err: int, why: str = "", hint: str = "") -> None:
         super().__init__(why or os.strerror(err))
         self.err = err
         self.why = why
+        self.hint = hint
 
 
 class _Log:
@@ -267,6 +289,10 @@ class _Log:
             self.lines.append(line)
         else:
             self.dropped += 1
+
+    def always(self, line: str) -> None:
+        """A line that is kept even past the bound (the few that say why a check stopped)."""
+        self.lines.append(line)
 
     def all(self) -> list[str]:
         if self.dropped:
@@ -293,6 +319,53 @@ class _Snapshot:
 
 
 @dataclass(slots=True)
+class _Effect:
+    """What walking one L2 table adds: messages with their corruption counts (in entry
+    order), increments per host cluster, fragmentation counts, and the work it stands for."""
+
+    events: list[tuple[str, int]]
+    clusters: array[int]
+    times: array[int]
+    top: int
+    allocated: int
+    fragmented: int
+    compressed: int
+    work: int
+
+    def cost(self) -> int:
+        """Rough bytes held."""
+        return EVENT_BYTES * len(self.events) + 2 * WORD * len(self.clusters) + EVENT_BYTES
+
+
+class _EffectCache:
+    """Effects of L2 tables by (offset, with fragmentation info), bounded in bytes."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[tuple[int, bool], _Effect] = OrderedDict()
+        self.size = 0
+
+    def get(self, key: tuple[int, bool]) -> _Effect | None:
+        effect = self.items.get(key)
+        if effect is not None:
+            self.items.move_to_end(key)
+        return effect
+
+    def put(self, key: tuple[int, bool], effect: _Effect) -> None:
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.size -= old.cost()
+        self.items[key] = effect
+        self.size += effect.cost()
+        while self.size > EFFECT_CACHE_BYTES and len(self.items) > 1:
+            _, dropped = self.items.popitem(last=False)
+            self.size -= dropped.cost()
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.size = 0
+
+
+@dataclass(slots=True)
 class _OverlapMap:
     """The metadata qemu's default ("cached") overlap check protects (qcow.md C.5): byte
     ranges in the order qemu tests them, then single clusters (L2 tables, refblocks)."""
@@ -311,7 +384,7 @@ class CheckOpenError(FormatError):
     """The image cannot be opened even in qemu's check mode."""
 
 
-def _field(buf: bytes, at: int, end: int) -> int:
+def _field(buf: bytes | bytearray, at: int, end: int) -> int:
     return int.from_bytes(buf[at:end], "big")
 
 
@@ -418,12 +491,14 @@ class _Checker:
         self.scanned = 0
         self.counted = 0
         self.overlap_map: _OverlapMap | None = None
+        self.effects = _EffectCache()
+        self.copied_effects = _EffectCache()
         self.l2_cache: LruCache[int, array[int]] = LruCache(max(1, L2_CACHE_BYTES // self.cs))
         self.window: tuple[int, bytes] = (0, b"")
+        _drop_buffer(f)  # every read below is a pread; nothing stale may be served later
         self._stat()
         self.rc = self._load_refcounts()
-        f.seek(0)
-        self.l1 = head.raw.read_l1_table(f) if head.l1_size else array("Q")
+        self.l1 = self._words(head.l1_offset, head.l1_size)
 
     # I/O ------------------------------------------------------------------------------------
 
@@ -493,7 +568,7 @@ class _Checker:
             raise self._over_budget()
 
     def _over_budget(self) -> _Failed:
-        self.log(
+        self.log.always(
             f"ERROR check aborted: the tables of this image name more than "
             f"{MAX_ENTRIES_COUNTED} clusters or need more than {MAX_ENTRIES_SCANNED} entries "
             "read"
@@ -517,10 +592,7 @@ class _Checker:
         if size <= 0:
             return
         if offset + size - self.file_size >= self.cs:
-            self.log(
-                "ERROR: counting reference for region exceeding the end of the file by one "
-                f"cluster or more: offset {offset:#x} size {size:#x}"
-            )
+            self.log(_eof_message(offset, size))
             res.corruptions += 1
             return
         mask = self.per_block - 1
@@ -534,16 +606,18 @@ class _Checker:
                 continue
             chunk[k & mask] = value + 1
 
-    def _overflow(self, res: _Counts, k: int) -> None:
-        res.corruptions += 1
-        if self.log.full():
-            self.log.dropped += 2
-            return
-        self.log(f"ERROR: overflow cluster offset={k << self.cb:#x}")
-        self.log(
-            "Use qemu-img amend to increase the refcount entry width or qemu-img convert to "
-            "create a clean copy if the image cannot be opened for writing"
-        )
+    def _overflow(self, res: _Counts, k: int, times: int = 1) -> None:
+        res.corruptions += times
+        while times:
+            if self.log.full():
+                self.log.dropped += 2 * times
+                return
+            self.log(f"ERROR: overflow cluster offset={k << self.cb:#x}")
+            self.log(
+                "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
+                "to create a clean copy if the image cannot be opened for writing"
+            )
+            times -= 1
 
     # walking the tables -----------------------------------------------------------------------
 
@@ -585,22 +659,45 @@ class _Checker:
     def _walk_l2(
         self, res: _Counts, l2_offset: int, frag: bool, fix: bool, active: bool
     ) -> None:
-        """qemu's check_refcounts_l2."""
+        """qemu's check_refcounts_l2. What one L2 table contributes is worked out once per
+        pass and replayed for every further reference to it (snapshots share L2 tables;
+        hostile L1 tables repeat one), with qemu's exact counts."""
+        key = (l2_offset, frag)
+        effect = self.effects.get(key)
+        if effect is None:
+            effect, reusable = self._l2_effect(res, l2_offset, frag, fix, active)
+            if reusable:
+                self.effects.put(key, effect)
+        else:
+            self._count(effect.work)
+        self._apply(res, effect)
+
+    def _l2_effect(
+        self, res: _Counts, l2_offset: int, frag: bool, fix: bool, active: bool
+    ) -> tuple[_Effect, bool]:
         table = self._l2(l2_offset)
         cs = self.cs
         cb = self.cb
         ext = self.ext
         step = self.step
-        refs = self.refs
-        pbb = self.pbb
-        mask = self.per_block - 1
-        refmax = self.refmax
-        counted = self.file_size  # data clusters at or past this offset are out of the file
+        file_size = self.file_size
         count_data = not self.data_file
         # entries that need more than "a normal, aligned cluster inside the file"
         slow = L2_COMPRESSED | L2_RESERVED | (L2_OFFSET & (cs - 1)) | (0 if ext else L2_ZERO)
+        events: list[tuple[str, int]] = []
+        incs: dict[int, int] = {}
+        allocated = fragmented = compressed = 0
+        reusable = True
         next_contiguous = 0
         nonzero = 0
+
+        def count(offset: int, size: int) -> None:
+            if offset + size - file_size >= cs:
+                events.append((_eof_message(offset, size), 1))
+                return
+            for k in range(offset >> cb, ((offset + size - 1) >> cb) + 1):
+                incs[k] = incs.get(k, 0) + 1
+
         for i in range(self.l2_entries):
             entry = table[i * step]
             bitmap = table[i * step + 1] if ext else 0
@@ -610,84 +707,125 @@ class _Checker:
             offset = entry & L2_OFFSET
             if offset and not entry & slow and not (bitmap >> SUB_ZERO_SHIFT) & bitmap:
                 if frag:
-                    self.allocated += 1
+                    allocated += 1
                     if next_contiguous and offset != next_contiguous:
-                        self.fragmented += 1
+                        fragmented += 1
                     next_contiguous = offset + cs
                 if count_data:
-                    k = offset >> cb
-                    chunk = refs.get(k >> pbb)
-                    if offset >= counted or chunk is None or chunk[k & mask] == refmax:
-                        self._inc(res, offset, cs)
+                    if offset >= file_size:
+                        events.append((_eof_message(offset, cs), 1))
                     else:
-                        chunk[k & mask] += 1
-                        if k >= self.nb_clusters:
-                            self.nb_clusters = k + 1
+                        k = offset >> cb
+                        incs[k] = incs.get(k, 0) + 1
                 continue
             kind = self._cluster_type(entry)
             if kind != _COMPRESSED and entry & L2_RESERVED:
-                self.log(f"ERROR found l2 entry with reserved bits set: {entry:x}")
-                res.corruptions += 1
+                events.append((f"ERROR found l2 entry with reserved bits set: {entry:x}", 1))
             if kind == _COMPRESSED:
-                desc = q.CompressedDescriptor(cluster_bits=self.cb, raw=entry)
+                desc = q.CompressedDescriptor(cluster_bits=cb, raw=entry)
                 if entry & L2_COPIED:
-                    self.log(
+                    events.append((
                         f"ERROR: coffset={desc.ofs_compressed:#x}: copied flag must never be "
-                        "set for compressed clusters"
-                    )
+                        "set for compressed clusters", 1))
                     entry &= ~L2_COPIED
-                    res.corruptions += 1
                 if self.data_file:
-                    self.log(f"ERROR compressed cluster {i} with data file, entry={entry:#x}")
-                    res.corruptions += 1
+                    events.append(
+                        (f"ERROR compressed cluster {i} with data file, entry={entry:#x}", 1)
+                    )
                     continue
                 if bitmap:
-                    self.log(
+                    events.append((
                         f"ERROR compressed cluster {i} with non-zero subcluster allocation "
-                        f"bitmap, entry={entry:#x}"
-                    )
-                    res.corruptions += 1
+                        f"bitmap, entry={entry:#x}", 1))
                     continue
-                self._inc(res, desc.ofs_compressed, desc.len_compressed_max)
+                count(desc.ofs_compressed, desc.len_compressed_max)
                 if frag:
                     # compressed clusters count as fragmented, as qemu counts them
-                    self.allocated += 1
-                    self.compressed += 1
-                    self.fragmented += 1
+                    allocated += 1
+                    compressed += 1
+                    fragmented += 1
             elif kind in (_NORMAL, _ZERO_ALLOC):
-                offset = entry & L2_OFFSET
                 if (bitmap >> SUB_ZERO_SHIFT) & bitmap:
-                    res.corruptions += 1
-                    self.log(
+                    events.append((
                         f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
-                        "allocation bitmap"
-                    )
+                        "allocation bitmap", 1))
                 if offset & (cs - 1):
-                    res.corruptions += 1
                     data = bitmap & SUB_ALLOC if ext else not entry & L2_ZERO
-                    if not data:
-                        self.log(
-                            f"{'Repairing' if fix else 'ERROR'} offset={offset:x}: Preallocated "
-                            "cluster is not properly aligned; L2 entry corrupted."
-                        )
-                        if fix and self._zero_entry(res, l2_offset, table, i, active):
-                            continue
-                    else:
-                        self.log(
+                    if data:
+                        events.append((
                             f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
-                            "L2 entry corrupted."
-                        )
+                            "L2 entry corrupted.", 1))
+                    else:
+                        events.append((
+                            f"{'Repairing' if fix else 'ERROR'} offset={offset:x}: "
+                            "Preallocated cluster is not properly aligned; L2 entry corrupted.",
+                            1))
+                        if fix:
+                            reusable = False
+                            self._flush_events(res, events)
+                            if self._zero_entry(res, l2_offset, table, i, active):
+                                continue
                 if frag:
-                    self.allocated += 1
+                    allocated += 1
                     if next_contiguous and offset != next_contiguous:
-                        self.fragmented += 1
+                        fragmented += 1
                     next_contiguous = offset + cs
-                if not self.data_file:
-                    self._inc(res, offset, cs)
+                if count_data:
+                    count(offset, cs)
             elif kind == _UNALLOCATED and bitmap & SUB_ALLOC:
-                res.corruptions += 1
-                self.log("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                events.append(
+                    ("ERROR: Unallocated cluster has non-zero subcluster allocation map", 1)
+                )
         self._count(nonzero)
+        effect = _Effect(
+            events=events,
+            clusters=array("Q", incs.keys()),
+            times=array("Q", incs.values()),
+            top=max(incs, default=-1) + 1,
+            allocated=allocated,
+            fragmented=fragmented,
+            compressed=compressed,
+            work=len(events) + len(incs) + 1,
+        )
+        return effect, reusable
+
+    def _flush_events(self, res: _Counts, events: list[tuple[str, int]]) -> None:
+        """Emit pending events now (before a repair writes): they stay in qemu's order."""
+        for message, n in events:
+            self.log(message)
+            res.corruptions += n
+        events.clear()
+
+    def _apply(self, res: _Counts, effect: _Effect) -> None:
+        log = self.log
+        if log.full():
+            log.dropped += len(effect.events)
+            for _, n in effect.events:
+                res.corruptions += n
+        else:
+            for message, n in effect.events:
+                log(message)
+                res.corruptions += n
+        refs = self.refs
+        pbb = self.pbb
+        mask = self.per_block - 1
+        refmax = self.refmax
+        for k, times in zip(effect.clusters, effect.times, strict=True):
+            chunk = refs.get(k >> pbb)
+            if chunk is None:
+                chunk = self._chunk(k >> pbb)
+            value = chunk[k & mask]
+            room = refmax - value
+            if times <= room:
+                chunk[k & mask] = value + times
+            else:
+                chunk[k & mask] = refmax
+                self._overflow(res, k, times - room)
+        if effect.top > self.nb_clusters:
+            self.nb_clusters = effect.top
+        self.allocated += effect.allocated
+        self.fragmented += effect.fragmented
+        self.compressed += effect.compressed
 
     def _zero_entry(
         self, res: _Counts, l2_offset: int, table: array[int], i: int, active: bool
@@ -796,6 +934,7 @@ class _Checker:
             self._inc(res, table_offset, table_size * WORD)
             # entries past the end of the file read as zeros, which reference nothing
             inside = max(0, min(table_size, (self.file_size - table_offset) // WORD))
+            self._scan(inside)
             table = self._words(table_offset, inside) if inside else array("Q")
             offsets: list[int] = []
             for entry in table:
@@ -856,6 +995,7 @@ class _Checker:
         """qemu's calculate_refcounts."""
         head = self.head
         self.refs = {}
+        self.effects.clear()
         self._inc(res, 0, self.cs)
         self._walk_l1(res, head.l1_offset, head.l1_size, True, fix, True)
         if self.data_file and self.snapshots:
@@ -1072,29 +1212,24 @@ class _Checker:
         head.incompatible = raw.incompatible_features
         self._write_header(H.INCOMPATIBLE_FEATURES_AT, H.COMPATIBLE_FEATURES_AT)
 
-    def _metadata_clusters(self, limit: int) -> bytearray:
-        """One byte per cluster below ``limit``: 1 where any protected metadata lies."""
-        used = bytearray(limit)
+    def _metadata_spans(self) -> tuple[list[int], list[int], set[int]]:
+        """Every cluster holding metadata the overlap check protects, as merged spans
+        (parallel lists of starts and ends) plus single clusters."""
         regions = self._overlap_regions()
         spans = sorted(
-            (o >> self.cb, min(limit, (o + n + self.cs - 1) >> self.cb))
+            (o >> self.cb, (o + n + self.cs - 1) >> self.cb)
             for _, o, n in regions.ranges + regions.late
             if n > 0
         )
-        reach = 0
+        starts: list[int] = []
+        ends: list[int] = []
         for lo, hi in spans:
-            lo = max(lo, reach)
-            if lo < hi:
-                used[lo:hi] = b"\1" * (hi - lo)
-                reach = hi
-        for c in regions.active_l2 | regions.refblocks:
-            if c < limit:
-                used[c] = 1
-        return used
-
-    def _protected(self, k: int) -> bool:
-        """Whether cluster ``k`` holds metadata the overlap check protects."""
-        return self._overlap(k << self.cb, self.cs, "qcow2_header") is not None
+            if ends and lo <= ends[-1]:
+                ends[-1] = max(ends[-1], hi)
+            else:
+                starts.append(lo)
+                ends.append(hi)
+        return starts, ends, regions.active_l2 | regions.refblocks
 
     # COPIED ---------------------------------------------------------------------------------
 
@@ -1112,8 +1247,8 @@ class _Checker:
             repair = not res.check_errors and not res.corruptions and not res.leaks
         else:
             repair = False
+        self.copied_effects.clear()
         wrote = False
-        step = self.step
         for i, l1_entry in enumerate(self.l1):
             l2_offset = l1_entry & L1_OFFSET
             if not l2_offset:
@@ -1142,48 +1277,74 @@ class _Checker:
                         raise _Failed(exc.errno or errno.EIO) from exc
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            table = self._l2(l2_offset)
-            dirty = 0
-            for j in range(self.l2_entries):
-                entry = table[j * step]
-                if not entry:
-                    continue
-                if self._cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
-                    continue
-                if self.data_file:
-                    count = 1
-                else:
-                    count = self._stored((entry & L2_OFFSET) >> self.cb)
-                    if count is None:
-                        continue
-                if (count == 1) != bool(entry & L2_COPIED):
-                    res.corruptions += 1
-                    self.log(
-                        f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: "
-                        f"l2_entry={entry:x} refcount={count}"
-                    )
-                    if repair:
-                        table[j * step] = entry | L2_COPIED if count == 1 else entry & ~L2_COPIED
-                        dirty += 1
+            key = (l2_offset, False)
+            effect = self.copied_effects.get(key)
+            if effect is not None:
+                self._count(effect.work)
+                self._apply(res, effect)
+                continue
+            effect, dirty = self._copied_effect(l2_offset, repair)
             if dirty:
-                if self._overlaps(l2_offset, self.cs, "active L2 table"):
-                    self.log(
-                        "ERROR: Could not write L2 table; metadata overlap check failed: "
-                        f"{os.strerror(errno.EIO)}"
-                    )
-                    res.check_errors += 1
-                    raise _Failed(errno.EIO)
-                try:
-                    self._write(l2_offset, words_to_bytes(table, True))
-                except OSError as exc:
-                    self.log(f"ERROR: Could not write L2 table: {exc.strerror}")
-                    res.check_errors += 1
-                    raise _Failed(exc.errno or errno.EIO) from exc
+                self._flush_events(res, effect.events)
+                self._write_l2(res, l2_offset)
                 wrote = True
                 res.corruptions -= dirty
                 res.corruptions_fixed += dirty
+                effect.events = []  # the table on disk is right now
+            else:
+                self._apply(res, effect)
+            self.copied_effects.put(key, effect)
         if wrote:
             self._sync()
+
+    def _copied_effect(self, l2_offset: int, repair: bool) -> tuple[_Effect, int]:
+        """The COPIED errors of one active L2 table (fixed in the cached table when
+        ``repair``), and how many entries were fixed."""
+        table = self._l2(l2_offset)
+        step = self.step
+        events: list[tuple[str, int]] = []
+        dirty = 0
+        nonzero = 0
+        for j in range(self.l2_entries):
+            entry = table[j * step]
+            if not entry:
+                continue
+            nonzero += 1
+            if self._cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
+                continue
+            if self.data_file:
+                count = 1
+            else:
+                stored = self._stored((entry & L2_OFFSET) >> self.cb)
+                if stored is None:
+                    continue
+                count = stored
+            if (count == 1) != bool(entry & L2_COPIED):
+                events.append((
+                    f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: "
+                    f"l2_entry={entry:x} refcount={count}", 1))
+                if repair:
+                    table[j * step] = entry | L2_COPIED if count == 1 else entry & ~L2_COPIED
+                    dirty += 1
+        self._count(nonzero)
+        empty = array("Q")
+        return _Effect(events, empty, empty, 0, 0, 0, 0, len(events) + 1), dirty
+
+    def _write_l2(self, res: _Counts, l2_offset: int) -> None:
+        if self._overlaps(l2_offset, self.cs, "active L2 table"):
+            self.log(
+                "ERROR: Could not write L2 table; metadata overlap check failed: "
+                f"{os.strerror(errno.EIO)}"
+            )
+            res.check_errors += 1
+            raise _Failed(errno.EIO)
+        table = self._l2(l2_offset)
+        try:
+            self._write(l2_offset, words_to_bytes(table, True))
+        except OSError as exc:
+            self.log(f"ERROR: Could not write L2 table: {exc.strerror}")
+            res.check_errors += 1
+            raise _Failed(exc.errno or errno.EIO) from exc
 
     # rebuilding the refcount structure -----------------------------------------------------------
 
@@ -1198,26 +1359,39 @@ class _Checker:
         cs = self.cs
         # clusters of the old structure and of every other piece of metadata qemu protects,
         # counted or not (an unaligned refblock, a broken snapshot L1 ...), stay untouched
-        limit = self.nb_clusters
-        reserved = self._metadata_clusters(limit)
-        hint = [1]
+        starts, ends, singles = self._metadata_spans()
+
+        def reserved(k: int) -> bool:
+            i = bisect_right(starts, k) - 1
+            return (i >= 0 and k < ends[i]) or k in singles
+
+        window = self.nb_clusters + max(1, ALLOC_WINDOW >> self.cb)
+        hint = [1]  # every cluster below is in use (qemu's first_free_cluster)
 
         def allocate(count: int) -> int:
             k = start = hint[0]
+            first_gap = -1
             run = 0
             while run < count:
-                if self._ref(k) or (reserved[k] if k < limit else self._protected(k)):
+                if k - run >= window:
+                    # metadata claimed far past the end of the file: do not grow the file
+                    # towards it, give up before anything is written
+                    self.log("ERROR allocating refblock: No space left on device")
+                    res.check_errors += 1
+                    raise _Failed(errno.ENOSPC)
+                if self._ref(k) or reserved(k):
                     run = 0
                 else:
                     if not run:
                         start = k
+                    if first_gap < 0:
+                        first_gap = k
                     run += 1
                 k += 1
             for c in range(start, start + count):
                 self._chunk(c >> self.pbb)[c & (self.per_block - 1)] = 1
                 self.nb_clusters = max(self.nb_clusters, c + 1)
-            if start == hint[0]:
-                hint[0] = start + count
+            hint[0] = start + count if first_gap == start else first_gap
             return start
 
         blocks: dict[int, int] = {}
@@ -1301,6 +1475,8 @@ class _Checker:
         except _Failed as exc:
             res.check_errors += 1
             self.log(f"qemu-img: ERROR failed to read the snapshot table: {exc.why}")
+            if exc.hint:
+                self.log(exc.hint)
             raise
         reduced += more
         res.corruptions += reduced + dropped
@@ -1351,7 +1527,9 @@ class _Checker:
             if extra_size > MAX_SNAPSHOT_EXTRA:
                 if not repair:
                     raise _Failed(
-                        errno.EFBIG, f"Too much extra metadata in snapshot table entry {i}"
+                        errno.EFBIG,
+                        f"Too much extra metadata in snapshot table entry {i}",
+                        "You can force-remove this extra metadata with qemu-img check -r all",
                     )
                 self.log(
                     f"Discarding too much extra metadata in snapshot table entry {i} "
@@ -1385,7 +1563,12 @@ class _Checker:
             table_length += SNAPSHOT_FIXED + extra_size + id_size + name_size
             if table_length > MAX_SNAPSHOT_TABLE or offset - start > INT_MAX:
                 if not repair:
-                    raise _Failed(errno.EFBIG, "Snapshot table is too big")
+                    raise _Failed(
+                        errno.EFBIG,
+                        "Snapshot table is too big",
+                        f"You can force-remove all {nb - i} overhanging snapshots with qemu-img "
+                        "check -r all",
+                    )
                 self.log(
                     f"Discarding {nb - i} overhanging snapshots (snapshot table is too big)"
                 )
@@ -1545,6 +1728,8 @@ class _Checker:
         total = _Counts()
         self.image_end = 0
         try:
+            if self.fix_leaks:
+                self._clear_unknown_autoclear()
             try:
                 self._read_snapshot_table(snapshot_res)
             except _Failed:
@@ -1567,6 +1752,10 @@ class _Checker:
                 self._mark_clean()
         except _Failed as exc:
             result.failed = f"Check failed: {os.strerror(exc.err)}"
+        except (OSError, FormatError) as exc:
+            total.check_errors += 1
+            self.log.always(f"ERROR {exc}")
+            result.failed = f"Check failed: {exc}"
         result.check_errors = total.check_errors
         result.corruptions = total.corruptions
         result.leaks = total.leaks
@@ -1577,6 +1766,17 @@ class _Checker:
         result.allocated_clusters = self.allocated
         result.fragmented_clusters = self.fragmented
         result.compressed_clusters = self.compressed
+
+    def _clear_unknown_autoclear(self) -> None:
+        """What qemu does when it opens an image read-write (so also for a repair): unknown
+        autoclear bits are cleared (qcow.md B.2, D.1 22)."""
+        head = self.head
+        if head.version < 3 or not int(head.autoclear) & ~KNOWN_AUTOCLEAR:
+            return
+        raw = head.raw.header
+        raw.autoclear_features = q.AutoclearFeature(int(head.autoclear) & KNOWN_AUTOCLEAR)
+        head.autoclear = raw.autoclear_features
+        self._write_header(H.AUTOCLEAR_FEATURES_AT, H.REFCOUNT_ORDER_AT)
 
     def _mark_clean(self) -> None:
         """After a repair that left no errors: clear the dirty and corrupt bits."""
@@ -1590,6 +1790,13 @@ class _Checker:
         raw.incompatible_features = q.IncompatibleFeature(int(head.incompatible) & ~bits)
         head.incompatible = raw.incompatible_features
         self._write_header(H.INCOMPATIBLE_FEATURES_AT, H.COMPATIBLE_FEATURES_AT)
+
+
+def _eof_message(offset: int, size: int) -> str:
+    return (
+        "ERROR: counting reference for region exceeding the end of the file by one cluster or "
+        f"more: offset {offset:#x} size {size:#x}"
+    )
 
 
 def _round_up(value: int, align: int) -> int:
@@ -1608,9 +1815,8 @@ def _last_nonzero(a: array[int]) -> int:
 
 def _differences(a: array[int], b: array[int]) -> Iterator[int]:
     """Indexes where two equally long arrays differ, in order (whole windows at C speed)."""
-    window = 256
-    for lo in range(0, len(a), window):
-        hi = lo + window
+    for lo in range(0, len(a), DIFF_WINDOW):
+        hi = lo + DIFF_WINDOW
         if a[lo:hi] == b[lo:hi]:
             continue
         for i in range(lo, min(hi, len(a))):
@@ -1715,9 +1921,18 @@ def rebuild_refcounts(img: Qcow2Image) -> CheckResult:
         _refresh(img)
 
 
+def _drop_buffer(f: BinaryIO) -> None:
+    """Make a buffered file forget what it read: a seek to the end always resets it."""
+    f.seek(0, os.SEEK_END)
+    f.seek(0)
+
+
 def _refresh(img: Qcow2Image) -> None:
     """Make an open image forget what the repair may have changed on disk."""
+    _drop_buffer(img._f)
     img._rc = None
+    img._meta_gen += 1  # the writer's overlap check recomputes where the metadata is
     img._l2_cache.clear()
-    img._f.seek(0)
     img._l1 = img.head.raw.read_l1_table(img._f) if img.head.l1_size else array("Q")
+    if img.head.corrupt:
+        img.writable = False  # as qemu makes the node unusable once it marks it corrupt

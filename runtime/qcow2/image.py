@@ -12,7 +12,7 @@ from array import array
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..cache import LruCache
 from ..compress import inflate_cluster, unzstd_cluster
@@ -21,6 +21,9 @@ from ..generated import qcow2 as q
 from ..image import Extent, Image, ImageError, UsageError
 from .header import Qcow2Header, load_header
 from .write import Qcow2Writer
+
+if TYPE_CHECKING:
+    from .check import CheckResult, Repair
 
 __all__ = ["Qcow2Image", "SnapshotInfo"]
 
@@ -418,6 +421,12 @@ class Qcow2Image(Qcow2Writer, Image):
         from . import snapshot
 
         snapshot.resize(self, new_size, shrink)
+
+    def check(self, repair: Repair = None) -> CheckResult:
+        """``qemu-img check [-r leaks|all]`` of this image (see diskspec.qcow2.check)."""
+        from .check import check_image
+
+        return check_image(self, repair)
 
     def map(self) -> list[Extent]:
         """The guest ranges and where they come from, as ``qemu-img map`` reports them."""

@@ -21,6 +21,8 @@ from .image import Qcow2Image
 __all__ = [
     "format_info_human",
     "format_info_json",
+    "format_snapshot_list",
+    "layer_info",
     "qcow2_info",
     "qdict_order",
 ]
@@ -420,3 +422,18 @@ def format_info_human(info: dict[str, Any] | list[dict[str, Any]]) -> str:
             out.append("\n")
         _human(layer, out)
     return "".join(out)
+
+
+def format_snapshot_list(img: Qcow2Image) -> str:
+    """The exact text of ``qemu-img snapshot -l`` (7.2)."""
+    snaps = _snapshots(img)
+    if not snaps:
+        return ""
+    lines = ["Snapshot list:", _snapshot_line(None)]
+    lines += [_snapshot_line(s) for s in snaps]
+    return "\n".join(lines) + "\n"
+
+
+def layer_info(img: Image, filename: str) -> dict[str, Any]:
+    """``qemu-img info --output=json`` of an image of any format diskspec opens."""
+    return _layer(img, filename)

@@ -129,6 +129,8 @@ def _write_snapshot_table(img: Qcow2Image, entries: list[q.SnapshotEntry]) -> No
     cs = img.cluster_size
     rc = img._refcounts()
     data = b"".join(e.build() for e in entries)
+    if entries:  # qemu writes no padding after the last entry
+        data = data[: len(data) - len(entries[-1].padding)]
     old_offset, old_size = img.head.snapshots_offset, _snapshot_table_size(img)
     new_offset = 0
     if entries:
@@ -152,7 +154,7 @@ def _snapshot_table_size(img: Qcow2Image) -> int:
     if img.head.nb_snapshots == 0:
         return 0
     entries = img.head.raw.read_snapshot_table(img._f)
-    return sum(len(e.build()) for e in entries)
+    return sum(len(e.build()) for e in entries) - len(entries[-1].padding)
 
 
 def _raw_snapshots(img: Qcow2Image) -> list[q.SnapshotEntry]:

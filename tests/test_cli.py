@@ -1,0 +1,123 @@
+"""The diskspec command line against qemu-img: same text, same JSON, same exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diskspec.tests.corpus import CorpusImage, require_tool
+
+
+def ds(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "diskspec.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, check=False)
+
+
+def qi(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_tool("qemu-img"), *args], capture_output=True, text=True,
+                          cwd=cwd, check=False)
+
+
+def _plain(corpus: list[CorpusImage]) -> list[CorpusImage]:
+    return [i for i in corpus if i.fmt == "qcow2" and "encrypted" not in i.tags]
+
+
+def test_info_and_map_print_what_qemu_img_prints(corpus: list[CorpusImage]) -> None:
+    compared = 0
+    for image in _plain(corpus):
+        cwd, name = image.path.parent, image.path.name
+        for args in (["info"], ["info", "--output=json"], ["info", "--backing-chain"],
+                     ["map", "--output=json"], ["map"], ["snapshot", "-l"], ["check"],
+                     ["check", "--output=json"]):
+            ours, theirs = ds(*args, name, cwd=cwd), qi(*args, name, cwd=cwd)
+            assert ours.returncode == theirs.returncode, (image.name, args, ours.stderr)
+            assert ours.stdout == theirs.stdout, (image.name, args)
+            compared += 1
+    assert compared >= 200
+
+
+def test_create_resize_snapshot_like_qemu_img(tmp_path: Path) -> None:
+    for tool, name in ((ds, "o.qcow2"), (qi, "q.qcow2")):
+        assert tool("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", name, "10M",
+                    cwd=tmp_path).returncode == 0
+        assert tool("resize", name, "+6M", cwd=tmp_path).returncode == 0
+        assert tool("snapshot", "-c", "first", name, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "o.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
+    ours = json.loads(ds("info", "--output=json", "o.qcow2", cwd=tmp_path).stdout)
+    theirs = json.loads(qi("info", "--output=json", "q.qcow2", cwd=tmp_path).stdout)
+    for key in ("virtual-size", "cluster-size", "format-specific"):
+        assert ours[key] == theirs[key], key
+    assert [s["name"] for s in ours["snapshots"]] == [s["name"] for s in theirs["snapshots"]]
+    assert qi("check", "o.qcow2", cwd=tmp_path).returncode == 0
+    shrink = ds("resize", "o.qcow2", "-1M", cwd=tmp_path)
+    assert shrink.returncode == 1 and shrink.stderr.startswith("diskspec: error: ")
+
+
+@pytest.mark.parametrize(("out_fmt", "compress"),
+                         [("raw", False), ("qcow2", False), ("qcow2", True)])
+def test_convert_and_compare(corpus: list[CorpusImage], tmp_path: Path, out_fmt: str,
+                             compress: bool) -> None:
+    sources = [i for i in _plain(corpus) if "data_file" not in i.tags][:12]
+    for image in sources:
+        out = tmp_path / f"{image.name}.{out_fmt}"
+        args = ["convert", "-O", out_fmt, *(["-c"] if compress else []), str(image.path),
+                str(out)]
+        done = ds(*args, cwd=image.path.parent)
+        assert done.returncode == 0, (image.name, done.stderr)
+        same = qi("compare", str(image.path), str(out), cwd=image.path.parent)
+        assert same.returncode == 0, (image.name, same.stdout)
+        assert ds("compare", str(image.path), str(out), cwd=tmp_path).returncode == 0
+        if out_fmt == "qcow2":
+            assert qi("check", str(out), cwd=tmp_path).returncode == 0, image.name
+
+
+def test_compare_exit_codes(tmp_path: Path) -> None:
+    for name in ("a.qcow2", "b.qcow2"):
+        qi("create", "-q", "-f", "qcow2", name, "1M", cwd=tmp_path)
+    assert ds("compare", "a.qcow2", "b.qcow2", cwd=tmp_path).returncode == 0
+    subprocess.run([require_tool("qemu-io"), "-c", "write -P 1 4096 1", "b.qcow2"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    ours, theirs = (ds("compare", "a.qcow2", "b.qcow2", cwd=tmp_path),
+                    qi("compare", "a.qcow2", "b.qcow2", cwd=tmp_path))
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stdout == theirs.stdout
+    missing = ds("compare", "a.qcow2", "nope.qcow2", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("diskspec: error:")
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "junk.qcow2").write_bytes(b"QFI\xfb\x00\x00\x00\x09" + bytes(200))
+    done = ds("info", "-f", "qcow2", "junk.qcow2", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("diskspec: error: ")
+    assert "Traceback" not in done.stderr
+    done = ds("info", "missing.qcow2", cwd=tmp_path)
+    assert done.returncode == 1 and "No such file" in done.stderr
+
+
+def test_check_repairs_like_qemu_img(tmp_path: Path) -> None:
+    """A refcount too high on a COPIED cluster: a leak plus a COPIED corruption (exit 2),
+    as qemu-img says; -r all repairs it."""
+    import struct
+
+    from diskspec.generated import qcow2 as q
+
+    qi("create", "-q", "-f", "qcow2", "l.qcow2", "1M", cwd=tmp_path)
+    subprocess.run([require_tool("qemu-io"), "-c", "write -P 7 0 64k", "l.qcow2"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    path = tmp_path / "l.qcow2"
+    data = bytearray(path.read_bytes())
+    head = q.Header.parse(data)
+    table = struct.unpack_from(">Q", data, head.ofs_refcount_table)[0]
+    struct.pack_into(">H", data, table + 2 * 5, 2)  # the data cluster: 2 for 1 reference
+    path.write_bytes(bytes(data))
+    ours, theirs = ds("check", "l.qcow2", cwd=tmp_path), qi("check", "l.qcow2", cwd=tmp_path)
+    assert ours.returncode == theirs.returncode == 2
+    assert ours.stdout == theirs.stdout and ours.stderr == theirs.stderr
+    fixed = ds("check", "-r", "all", "l.qcow2", cwd=tmp_path)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert qi("check", "l.qcow2", cwd=tmp_path).returncode == 0
