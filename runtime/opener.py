@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .generated import fvd, qcow, qcow2
 from .image import Image, ImageError, RawImage, UsageError
@@ -54,7 +54,8 @@ def open_image(
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     p = Path(path)
-    f: BinaryIO = p.open("r+b" if mode == "r+" else "rb")
+    # unbuffered: metadata is written with os.pwrite, so a read buffer could go stale
+    f = cast(BinaryIO, p.open("r+b" if mode == "r+" else "rb", buffering=0))
     try:
         st = os.fstat(f.fileno())
         ident = (st.st_dev, st.st_ino)
@@ -99,7 +100,8 @@ def _open_qcow2(
             if head.data_file is None:
                 raise ImageError(f"{p}: 'data-file' is required for this image")
             if backing:
-                data = _resolve(head.data_file, p).open("r+b" if mode == "r+" else "rb")
+                kind = "r+b" if mode == "r+" else "rb"
+                data = cast(BinaryIO, _resolve(head.data_file, p).open(kind, buffering=0))
         img = Qcow2Image(p, f, mode == "r+", head, base, data)
         if mode == "r+" and head.dirty:
             # refcounts may be stale (lazy refcounts): rebuild them, as qemu does on open

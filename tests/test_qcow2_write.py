@@ -98,14 +98,16 @@ class WriteMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), n=st.sampled_from([1, 511, 512, 4096, 5000, 65536, 300_000]))
     def pwrite(self, data: st.DataObject, n: int) -> None:
-        off = data.draw(st.integers(0, SIZE - n))
+        n = min(n, len(self.model))
+        off = data.draw(st.integers(0, len(self.model) - n))
         value = data.draw(st.integers(1, 255))
         self.img.pwrite(bytes([value]) * n, off)
         self.model[off : off + n] = bytes([value]) * n
 
     @rule(data=st.data(), n=st.sampled_from([512, 4096, 70000, 1 << 20]), unmap=st.booleans())
     def write_zeroes(self, data: st.DataObject, n: int, unmap: bool) -> None:
-        off = data.draw(st.integers(0, SIZE - n))
+        n = min(n, len(self.model))
+        off = data.draw(st.integers(0, len(self.model) - n))
         self.img.write_zeroes(off, n, unmap=unmap)
         self.model[off : off + n] = bytes(n)
 
@@ -113,7 +115,8 @@ class WriteMachine(RuleBasedStateMachine):
     def discard(self, data: st.DataObject, n: int) -> None:
         if self.options.get("compat") == "0.10" and "backing_file" in self.options:
             return  # refused, as qemu refuses it
-        off = data.draw(st.integers(0, SIZE - n))
+        n = min(n, len(self.model))
+        off = data.draw(st.integers(0, len(self.model) - n))
         self.img.discard(off, n)
         cs = self.img.cluster_size
         start, end = off + (-off) % cs, (off + n) // cs * cs
@@ -125,11 +128,11 @@ class WriteMachine(RuleBasedStateMachine):
         if "data_file" in self.options:
             return
         cs = self.img.cluster_size
-        index = data.draw(st.integers(0, SIZE // cs - 1))
+        index = data.draw(st.integers(0, -(-len(self.model) // cs) - 1))
         if self._allocated(index * cs):
             return  # qemu refuses compressed writes over allocated clusters, so do we
         value = data.draw(st.integers(1, 255))
-        n = min(cs, SIZE - index * cs)  # the last cluster may be partial
+        n = min(cs, len(self.model) - index * cs)  # the last cluster may be partial
         block = ((bytes([value]) * 64 + bytes(range(64))) * (cs // 128))[:n]
         self.img.write_compressed(block, index * cs)
         self.model[index * cs : index * cs + n] = block
@@ -171,6 +174,19 @@ class WriteMachine(RuleBasedStateMachine):
         self.img.delete_snapshot(name)
         del self.snapshots[name]
 
+    @rule(delta=st.sampled_from([-(1 << 20), -65536, -512, 512, 65536, 1 << 20, 5 << 20]))
+    def resize(self, delta: int) -> None:
+        if self.snapshots:
+            return  # qemu refuses to resize images with snapshots, and so do we
+        new = len(self.model) + delta
+        if new < 1 << 20:
+            return
+        self.img.resize(new, shrink=delta < 0)
+        if delta < 0:
+            del self.model[new:]
+        else:
+            self.model += bytes(delta)  # grown space reads as zeros, even over a backing file
+
     @rule()
     def flush(self) -> None:
         self.img.flush()
@@ -183,7 +199,8 @@ class WriteMachine(RuleBasedStateMachine):
     @invariant()
     def reads_like_the_model(self) -> None:
         if self.img is not None:
-            assert self.img.pread(SIZE, 0) == self.model
+            assert self.img.size == len(self.model)
+            assert self.img.pread(self.img.size, 0) == self.model
 
     def teardown(self) -> None:
         try:

@@ -332,13 +332,26 @@ def resize(img: Qcow2Image, new_size: int, shrink: bool = False) -> None:
     shift = img.head.l1_shift
     needed = (new_size + (1 << shift) - 1) >> shift
     if new_size >= img.size:
+        old_size = img.size
         if needed > len(img._l1):
             _grow_l1(img, needed)
         _set_size(img, new_size)
+        backing = img.backing
+        if backing is not None and backing.size > old_size:
+            # the new space must read as zeros, not as the longer backing file (as qemu)
+            img.write_zeroes(old_size, min(new_size, backing.size) - old_size)
+            img.flush()
         return
     # shrink: drop whole clusters past the end, then the L2 tables no longer needed
     cs = img.cluster_size
     first = -(-new_size // cs) * cs
+    tail = min(first, img.size) - new_size
+    from .image import _BACKING, _ZERO
+
+    if tail and any(kind not in (_ZERO, _BACKING) for kind, *_ in img._plan(new_size, tail)):
+        # the last cluster stays: its bytes past the new end must not come back if the
+        # image grows again (qemu 7.2 lets them; zeros are what a guest expects)
+        img._write(bytes(tail), new_size)
     for cstart in range(first, img.size, cs):
         img._set_entry(cstart, 0, 0)
     _set_size(img, new_size)
