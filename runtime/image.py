@@ -143,6 +143,38 @@ class RawImage(Image):
     def _write(self, data: bytes, offset: int) -> None:
         os.pwrite(self._f.fileno(), data, offset)
 
+    def _writable(self, n: int, offset: int) -> None:
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        self._check_range(n, offset)
+
+    def write_zeroes(self, offset: int, n: int, unmap: bool = False) -> None:
+        """Make a range read as zeros (written as zeros: a raw file has no zero flag)."""
+        self._writable(n, offset)
+        chunk = bytes(min(n, 1 << 20))
+        for at in range(offset, offset + n, len(chunk) or 1):
+            os.pwrite(self._f.fileno(), chunk[: min(len(chunk), offset + n - at)], at)
+
+    def discard(self, offset: int, n: int) -> None:
+        """Drop a range; on a raw file it then reads as zeros, as after qemu's hole punch."""
+        self.write_zeroes(offset, n, unmap=True)
+
+    def resize(self, new_size: int, shrink: bool = False) -> None:
+        """``qemu-img resize -f raw``: truncate (shrinking needs ``shrink``)."""
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        if new_size < self.size and not shrink:
+            raise UsageError("Use the --shrink option to perform a shrink operation.")
+        os.ftruncate(self._f.fileno(), new_size)
+        self.size = new_size
+
+    def snapshots(self) -> list[Any]:
+        """Raw images have no internal snapshots."""
+        return []
+
+    def create_snapshot(self, name: str) -> str:
+        raise UsageError(f"Could not create snapshot '{name}': Operation not supported")
+
     def map(self) -> list[Extent]:
         from .qcow2.mapping import image_map
 

@@ -110,3 +110,21 @@ def test_reads_outside_the_image_are_refused(corpus: list[CorpusImage]) -> None:
             img.pread(1, img.size)
         with pytest.raises(diskspec.UsageError):
             img.pwrite(b"x", 0)
+
+
+def test_raw_images_have_the_same_api(tmp_path: Path) -> None:
+    path = tmp_path / "r.raw"
+    diskspec.create(path, "raw", "1M")
+    with diskspec.open(path, "r+") as img:
+        assert img.fmt == "raw" and img.size == 1 << 20
+        img.pwrite(b"x" * 1000, 0)
+        img.write_zeroes(0, 500)
+        img.discard(500, 100)
+        img.resize(2 << 20)
+        assert img.pread(1000, 0) == bytes(600) + b"x" * 400
+        assert img.snapshots() == []
+        with pytest.raises(diskspec.UsageError, match="--shrink"):
+            img.resize(1 << 20)
+        with pytest.raises(diskspec.UsageError, match="not supported"):
+            img.create_snapshot("s")
+    assert path.stat().st_size == 2 << 20
