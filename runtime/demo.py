@@ -105,7 +105,33 @@ def main() -> int:
         for path in (v3, v2, el2):
             _qcow2(path)
         _qcow1(v1)
+        _tour(d)
     return 0
+
+
+def _tour(d: Path) -> None:
+    """The command line on the same images: what a qemu-img user types, diskspec answers."""
+    from .cli import main as cli
+
+    steps = [
+        ["create", "-f", "qcow2", "-o", "cluster_size=4096", str(d / "new.qcow2"), "8M"],
+        ["info", str(d / "v3.qcow2")],
+        ["check", str(d / "v3.qcow2")],
+        ["map", "--output=json", str(d / "v3.qcow2")],
+        ["snapshot", "-c", "second", str(d / "v3.qcow2")],
+        ["snapshot", "-l", str(d / "v3.qcow2")],
+        ["convert", "-c", "-O", "qcow2", str(d / "v3.qcow2"), str(d / "small.qcow2")],
+        ["compare", str(d / "v3.qcow2"), str(d / "small.qcow2")],
+        ["info", "--output=json", str(d / "small.qcow2")],
+    ]
+    for args in steps:
+        print(f"$ diskspec {' '.join(a.replace(str(d) + '/', '') for a in args)}")
+        sys.stdout.flush()
+        code = cli(args)
+        sys.stdout.flush()
+        if code:
+            print(f"(exit {code})")
+        print()
 
 
 if __name__ == "__main__":
