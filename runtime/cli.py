@@ -174,12 +174,32 @@ def _cmd_create(args: argparse.Namespace) -> int:
         with _open(args, _backing_path(args.filename, args.b), fmt=args.F) as base:
             size = base.size
     fmt = args.f or "raw"
-    create(args.filename, fmt, size if size is not None else options.pop("size"), **options)
+    size = size if size is not None else options.pop("size")
     if not args.q:
-        shown = ", ".join(f"{k}={v}" for k, v in options.items())
-        sys.stdout.write(f"Formatting '{args.filename}', fmt={fmt}"
-                         f"{' ' + shown if shown else ''}\n")
+        sys.stdout.write(_formatting_line(args.filename, fmt, _size(str(size)), options))
+    create(args.filename, fmt, size, **options)
     return 0
+
+
+def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]) -> str:
+    """qemu-img create's "Formatting ..." line: its options, defaults filled in, its order."""
+    if fmt == "raw":
+        order: list[tuple[str, Any]] = [("size", size), ("preallocation", None)]
+    else:
+        order = [
+            ("cluster_size", 65536), ("extended_l2", "off"), ("preallocation", None),
+            ("compression_type", "zlib"), ("size", size), ("backing_file", None),
+            ("backing_fmt", None), ("compat", None), ("data_file", None),
+            ("data_file_raw", None), ("lazy_refcounts", "off"), ("refcount_bits", 16),
+        ]
+    parts = []
+    for key, default in order:
+        value = size if key == "size" else options.get(key, default)
+        if key == "cluster_size" and key in options:
+            value = _size(str(value))
+        if value is not None:
+            parts.append(f"{key}={value}")
+    return f"Formatting '{filename}', fmt={fmt} {' '.join(parts)}\n"
 
 
 def _backing_path(image: str, backing: str) -> str:
@@ -227,6 +247,98 @@ def _snapshot_table(img: Any) -> str:
     from .qcow2.info import format_snapshot_list
 
     return format_snapshot_list(img)
+
+
+# ------------------------------------------------------------------------------------------------
+# rebase and commit
+
+
+def _guest_runs(img: Image) -> list[tuple[int, int, int, int]]:
+    """(kind, guest, host, length) of the whole image; kind 2 reads the backing file."""
+    plan: Callable[[int, int], list[tuple[int, int, int, int]]] | None = getattr(
+        img, "_plan", None
+    )
+    if plan is None:
+        return [(0, 0, 0, img.size)]
+    return plan(0, img.size) if img.size else []
+
+
+def _cmd_rebase(args: argparse.Namespace) -> int:
+    from .opener import open_image
+    from .qcow2.image import _BACKING, Qcow2Image
+
+    new_name: str | None = args.b or None
+    new_fmt = args.F or ("raw" if new_name else None)
+    with _open(args, args.filename, "r+", backing=not args.u) as img:
+        if not isinstance(img, Qcow2Image):
+            raise CliError("Operation not supported")
+        if not args.u:
+            new = None
+            if new_name:
+                base = Path(args.filename).parent / new_name
+                new = open_image(new_name if os.path.isabs(new_name) else base, "r", new_fmt)
+            try:
+                old = img.backing
+                step = 1 << 20
+                for kind, guest, _, length in _guest_runs(img):
+                    if kind != _BACKING:
+                        continue
+                    for off in range(guest, guest + length, step):
+                        n = min(step, guest + length - off)
+                        was = _read_or_zeros(old, n, off)
+                        now = _read_or_zeros(new, n, off)
+                        if was != now:
+                            img.pwrite(was, off)
+            finally:
+                if new is not None:
+                    new.close()
+        img.set_backing(new_name, new_fmt)
+    return 0
+
+
+def _read_or_zeros(img: Image | None, n: int, offset: int) -> bytes:
+    if img is None or offset >= img.size:
+        return bytes(n)
+    got = img.pread(min(n, img.size - offset), offset)
+    return got + bytes(n - len(got))
+
+
+def _cmd_commit(args: argparse.Namespace) -> int:
+    from .opener import open_image
+    from .qcow2.image import _BACKING, _ZERO, Qcow2Image
+
+    with _open(args, args.filename, "r+") as img:
+        if not isinstance(img, Qcow2Image) or img.backing is None:
+            raise CliError("Image does not have a backing file")
+        base_path = img.backing.path
+        base_fmt = img.head.backing_format or "raw"
+        img.backing.close()
+        img.backing = open_image(base_path, "r+", base_fmt)
+        base = img.backing
+        if img.size > base.size:
+            resize: Callable[..., None] = base.resize
+            resize(img.size)
+        runs = [r for r in _guest_runs(img) if r[0] != _BACKING]
+        total = sum(r[3] for r in runs) or 1
+        done = 0
+        step = 1 << 20
+        for kind, guest, _, length in runs:
+            for off in range(guest, guest + length, step):
+                n = min(step, guest + length - off)
+                if kind == _ZERO:
+                    base.write_zeroes(off, n)
+                else:
+                    base.pwrite(img.pread(n, off), off)
+                done += n
+                if args.p:
+                    sys.stderr.write(f"\r    ({100.0 * done / total:.2f}/100%)")
+        if args.p:
+            sys.stderr.write("\n")
+        base.flush()
+        if not args.d:
+            img.make_empty()
+    sys.stdout.write("Image committed.\n")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,6 +527,24 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", action="store_true")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_snapshot)
+
+    p = sub.add_parser("rebase", help="change the backing file (safe: copies what changes)")
+    _common(p)
+    p.add_argument("-u", action="store_true", help="unsafe: only rewrite the name")
+    p.add_argument("-b", required=True, help="new backing file ('' for none)")
+    p.add_argument("-F", help="format of the new backing file")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_rebase)
+
+    p = sub.add_parser("commit", help="write an image's data into its backing file")
+    _common(p)
+    p.add_argument("-d", action="store_true", help="do not empty the image afterwards")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_commit)
 
     p = sub.add_parser("compare", help="compare the guest content of two images")
     _common(p)

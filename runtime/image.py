@@ -98,6 +98,14 @@ class Image:
     def _write(self, data: bytes, offset: int) -> None:
         raise UsageError(f"{self.path}: writing {self.fmt} images is not supported yet")
 
+    def write_zeroes(self, offset: int, n: int, unmap: bool = False) -> None:
+        """Make a range read as zeros (formats with zero flags do better than writing)."""
+        for at in range(offset, offset + n, 1 << 20):
+            self.pwrite(bytes(min(1 << 20, offset + n - at)), at)
+
+    def resize(self, new_size: int, shrink: bool = False) -> None:
+        raise UsageError("Image format driver does not support resize")
+
     def flush(self) -> None:
         if self.writable:
             self._f.flush()

@@ -40,6 +40,21 @@ def test_info_and_map_print_what_qemu_img_prints(corpus: list[CorpusImage]) -> N
     assert compared >= 200
 
 
+def test_create_prints_what_qemu_img_prints(tmp_path: Path) -> None:
+    cases = [
+        ["-f", "qcow2", "-o", "cluster_size=4k", "{}.qcow2", "8M"],
+        ["-f", "qcow2", "-o", "compat=0.10,preallocation=metadata", "{}.qcow2", "1M"],
+        ["-f", "qcow2", "-o", "cluster_size=2M,extended_l2=on,lazy_refcounts=on,"
+         "refcount_bits=8,compression_type=zstd", "{}.qcow2", "1M"],
+        ["-f", "raw", "-o", "preallocation=falloc", "{}.raw", "1M"],
+    ]
+    for i, case in enumerate(cases):
+        ours = ds("create", *[a.format(f"o{i}") for a in case], cwd=tmp_path)
+        theirs = qi("create", *[a.format(f"o{i}") for a in case], cwd=tmp_path)
+        assert ours.returncode == theirs.returncode == 0
+        assert ours.stdout == theirs.stdout, case
+
+
 def test_create_resize_snapshot_like_qemu_img(tmp_path: Path) -> None:
     for tool, name in ((ds, "o.qcow2"), (qi, "q.qcow2")):
         assert tool("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", name, "10M",
@@ -121,3 +136,58 @@ def test_check_repairs_like_qemu_img(tmp_path: Path) -> None:
     fixed = ds("check", "-r", "all", "l.qcow2", cwd=tmp_path)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert qi("check", "l.qcow2", cwd=tmp_path).returncode == 0
+
+
+def _chain_copy(corpus: list[CorpusImage], dest: Path) -> Path:
+    import shutil
+
+    dest.mkdir()
+    for name in ("raw-base", "qcow2-chain-mid", "qcow2-chain-top"):
+        image = next(i for i in corpus if i.name == name)
+        shutil.copy(image.path, dest / image.path.name)
+    return dest
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_commit_like_qemu_img(corpus: list[CorpusImage], tmp_path: Path, drop: bool) -> None:
+    ours, theirs = _chain_copy(corpus, tmp_path / "a"), _chain_copy(corpus, tmp_path / "b")
+    flag = ["-d"] if drop else []
+    assert ds("commit", *flag, "qcow2-chain-top.qcow2", cwd=ours).returncode == 0
+    assert qi("commit", *flag, "qcow2-chain-top.qcow2", cwd=theirs).returncode == 0
+    for name in ("qcow2-chain-mid.qcow2", "qcow2-chain-top.qcow2"):
+        assert qi("compare", str(ours / name), str(theirs / name), cwd=tmp_path).returncode == 0
+        assert qi("check", name, cwd=ours).returncode == 0, name
+    for name in ("qcow2-chain-mid.qcow2", "qcow2-chain-top.qcow2"):
+        # the same extents; host offsets differ with the order clusters were allocated in
+        ours_map = _merged(qi("map", "--output=json", name, cwd=ours).stdout)
+        theirs_map = _merged(qi("map", "--output=json", name, cwd=theirs).stdout)
+        assert ours_map == theirs_map, name
+
+
+def _merged(text: str) -> list[dict[str, object]]:
+    """Map extents without host offsets, neighbours with equal flags merged."""
+    out: list[dict[str, object]] = []
+    for extent in json.loads(text):
+        extent.pop("offset", None)
+        if out and all(out[-1][k] == extent[k] for k in ("depth", "present", "zero", "data")):
+            last = out[-1]
+            last["length"] = int(str(last["length"])) + extent["length"]
+        else:
+            out.append(extent)
+    return out
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_rebase_like_qemu_img(corpus: list[CorpusImage], tmp_path: Path, unsafe: bool) -> None:
+    ours, theirs = _chain_copy(corpus, tmp_path / "a"), _chain_copy(corpus, tmp_path / "b")
+    flag = ["-u"] if unsafe else []
+    args = ["rebase", *flag, "-b", "raw-base.raw", "-F", "raw", "qcow2-chain-top.qcow2"]
+    assert ds(*args, cwd=ours).returncode == 0
+    assert qi("rebase", "-f", "qcow2", *args[1:], cwd=theirs).returncode == 0
+    top = "qcow2-chain-top.qcow2"
+    assert qi("compare", str(ours / top), str(theirs / top), cwd=tmp_path).returncode == 0
+    assert qi("check", top, cwd=ours).returncode == 0
+    info_o = json.loads(qi("info", "--output=json", top, cwd=ours).stdout)
+    info_t = json.loads(qi("info", "--output=json", top, cwd=theirs).stdout)
+    for key in ("backing-filename", "backing-filename-format", "format-specific"):
+        assert info_o[key] == info_t[key], key

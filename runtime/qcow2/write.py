@@ -640,3 +640,59 @@ class Qcow2Writer:
         start = rc.allocate(-(-n // cs)) * cs
         self._zpos, self._zfrees = start + n, rc.frees
         return start
+
+    # the header cluster -------------------------------------------------------------------------
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Point the image at another backing file (``rebase -u``): cluster 0 is rewritten with
+        the backing format extension and the name, as qemu rewrites it."""
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        if name is not None and fmt is None:
+            raise UsageError("Backing file specified without backing format")
+        self._prepare_header()
+        self.flush()
+        head = self.head
+        cs = self.cluster_size
+        raw = head.raw
+        keep = [
+            e for e in raw.extension_area.extensions
+            if e.ext_type not in (q.HeaderExtensionType.BACKING_FILE_FORMAT,
+                                  q.HeaderExtensionType.END)
+        ]
+        exts: list[q.HeaderExtension] = []
+        if name is not None and fmt is not None:
+            fmt_b = fmt.encode("ascii")
+            exts.append(q.HeaderExtension(
+                ext_type=q.HeaderExtensionType.BACKING_FILE_FORMAT, len_data=len(fmt_b),
+                data=q.ExtBackingFileFormat(name=fmt_b), padding=bytes(-len(fmt_b) % 8)))
+        exts += keep
+        exts.append(q.HeaderExtension(ext_type=q.HeaderExtensionType.END, len_data=0,
+                                      data=b"", padding=b""))
+        name_b = os.fsencode(name) if name is not None else b""
+        header = raw.header
+        ext_len = sum(len(e.build()) for e in exts)
+        start = header.len_header_effective
+        header.ofs_backing_file_name = start + ext_len if name_b else 0
+        header.len_backing_file_name = len(name_b)
+        if start + ext_len + len(name_b) > cs:
+            raise UsageError("Backing file name too long for the header cluster")
+        end = header.ofs_backing_file_name if name_b else cs
+        area = q.HeaderExtensionArea(extensions=exts, rest=bytes(end - start - ext_len))
+        cluster = q.Qcow2(header=header, extension_area=area).build() + name_b
+        os.pwrite(self._f.fileno(), cluster, 0)
+        os.fsync(self._f.fileno())
+        self._f.seek(0)
+        from .header import load_header
+
+        self.head = load_header(self._f)
+
+    def make_empty(self) -> None:
+        """Drop every cluster so the image reads its backing file again (after a commit)."""
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        self._prepare_header()
+        cs = self.cluster_size
+        for cstart in range(0, self.size, cs):
+            self._set_entry(cstart, 0, 0)
+        self.flush()
