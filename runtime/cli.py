@@ -249,6 +249,26 @@ def _snapshot_table(img: Any) -> str:
     return format_snapshot_list(img)
 
 
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from .measure import measure
+    from .qcow2.info import format_info_json
+
+    fmt = args.O or "raw"
+    options = _options(args.o)
+    if args.size is not None:
+        result = measure(fmt, options, _size(args.size), None)
+    elif args.filename:
+        with _open(args, args.filename) as img:
+            result = measure(fmt, options, None, img)
+    else:
+        raise CliError("Either --size N or one filename must be specified.")
+    if args.output == "json":
+        sys.stdout.write(format_info_json(result.to_json_dict()))
+    else:
+        sys.stdout.write(result.human())
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 # rebase and commit
 
@@ -527,6 +547,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", action="store_true")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_snapshot)
+
+    p = sub.add_parser("measure", help="the file size an image needs")
+    _common(p)
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("-O", help="format of the new image (default raw)")
+    p.add_argument("-o", help="options of the new image")
+    p.add_argument("--size")
+    p.add_argument("-l", help="snapshot.name=NAME")
+    p.add_argument("filename", nargs="?")
+    p.set_defaults(func=_cmd_measure)
 
     p = sub.add_parser("rebase", help="change the backing file (safe: copies what changes)")
     _common(p)

@@ -210,3 +210,23 @@ def test_rebase_like_qemu_img(corpus: list[CorpusImage], tmp_path: Path, unsafe:
     info_t = json.loads(qi("info", "--output=json", top, cwd=theirs).stdout)
     for key in ("backing-filename", "backing-filename-format", "format-specific"):
         assert info_o[key] == info_t[key], key
+
+
+def test_measure_like_qemu_img(corpus: list[CorpusImage], tmp_path: Path) -> None:
+    checked = 0
+    for image in _plain(corpus)[:20]:
+        for opts in ([], ["-o", "cluster_size=4096,refcount_bits=1"], ["-o", "extended_l2=on"]):
+            args = ["measure", "--output=json", "-O", "qcow2", *opts, image.path.name]
+            ours = ds_inproc(*args, cwd=image.path.parent)
+            theirs = qi(*args, cwd=image.path.parent)
+            assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), image.name
+            checked += 1
+    for size in ("0", "512", "10G", "1T", "4097k"):
+        for opts in ([], ["-o", "cluster_size=512"], ["-o", "preallocation=full"],
+                     ["-o", "extended_l2=on,cluster_size=2M"]):
+            args = ["measure", "-O", "qcow2", *opts, "--size", size]
+            ours, theirs = ds_inproc(*args, cwd=tmp_path), qi(*args, cwd=tmp_path)
+            assert ours.returncode == theirs.returncode, (size, opts)
+            assert ours.stdout == theirs.stdout, (size, opts)
+            checked += 1
+    assert checked >= 70
