@@ -9,28 +9,16 @@ from importlib import resources
 
 import jinja2
 
+from diskspec import structbase
+
 from .passes import Code
 
 __all__ = ["API_VERSION", "format_source", "render_construct", "render_structs"]
 
-API_VERSION = 1
+API_VERSION = structbase.API_VERSION
 
-_HELPERS = (
-    "Buffer",
-    "Ns",
-    "bits_to_bytes",
-    "build_error",
-    "enum_or_int",
-    "flag_of",
-    "invalid",
-    "need",
-    "read_growing",
-    "read_padded",
-    "required",
-    "unpack_bits",
-    "unpack_words",
-    "words_to_bytes",
-)
+# what generated code may import from the runtime base (everything it exports)
+_HELPERS = tuple(name for name in structbase.__all__ if name != "API_VERSION")
 
 
 def _environment() -> jinja2.Environment:

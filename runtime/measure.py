@@ -145,5 +145,9 @@ def measure(fmt: str, options: dict[str, Any], size: int | None, source: Image |
         data = 0
     else:
         data = _data_bytes(source, cs)
-    bitmaps = _bitmaps_size(source, cs) if _has_bitmap_support(source) else None
+    bitmaps = (
+        _bitmaps_size(source, cs)
+        if source is not None and _has_bitmap_support(source)
+        else None
+    )
     return Measure(full - _round_up(virtual, cs) + data, full, bitmaps)

@@ -55,6 +55,25 @@ from ..generated import qcow2 as q
 from ..image import UsageError
 from ..structbase import unpack_words, words_to_bytes
 from .header import KNOWN_AUTOCLEAR, Qcow2Header, load_header
+from .masks import (
+    BME_ALL_ONES,
+    BME_OFFSET,
+    BME_RESERVED,
+    L1_COPIED,
+    L1_OFFSET,
+    L1_RESERVED,
+    L2_COMPRESSED,
+    L2_COPIED,
+    L2_OFFSET,
+    L2_RESERVED,
+    L2_ZERO,
+    REFT_OFFSET,
+    REFT_RESERVED,
+    SUB_ALLOC,
+    SUB_ZERO,
+    SUB_ZERO_SHIFT,
+    H,
+)
 from .refcount import MAX_REFCOUNT_TABLE, RefcountError, Refcounts
 
 if TYPE_CHECKING:
@@ -71,23 +90,6 @@ __all__ = [
 
 Repair = Literal["leaks", "all"] | None
 
-H = q.Header
-L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
-L1_COPIED = q.L1Entry.COPIED_MASK
-L1_RESERVED = q.L1Entry.RESERVED_HIGH_MASK | q.L1Entry.RESERVED_LOW_MASK
-L2_COPIED = q.L2Entry.COPIED_MASK
-L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
-L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
-L2_ZERO = q.L2Entry.ZERO_MASK
-L2_RESERVED = q.L2Entry.RESERVED_HIGH_MASK | q.L2Entry.RESERVED_LOW_MASK
-SUB_ALLOC = q.SubclusterBitmap.ALLOCATED_MASK
-SUB_ZERO = q.SubclusterBitmap.READS_AS_ZERO_MASK
-SUB_ZERO_SHIFT = q.SubclusterBitmap.READS_AS_ZERO_SHIFT
-REFT_OFFSET = q.RefcountTableEntry.OFS_REFCOUNT_BLOCK_DIV512_MASK
-REFT_RESERVED = q.RefcountTableEntry.RESERVED_MASK
-BME_OFFSET = q.BitmapTableEntry.OFS_DATA_DIV512_MASK
-BME_ALL_ONES = q.BitmapTableEntry.ALL_ONES_MASK
-BME_RESERVED = q.BitmapTableEntry.RESERVED_HIGH_MASK | q.BitmapTableEntry.RESERVED_LOW_MASK
 BME_FLAGS = int(q.BitmapFlag.IN_USE | q.BitmapFlag.AUTO)  # qemu treats the others as reserved
 WORD = q.L1Entry.SIZE  # bytes of one L1, L2, refcount table or bitmap table word
 SNAPSHOT_FIXED = q.SnapshotEntry.EXTRA_DATA_AT  # the fixed part of a snapshot entry

@@ -20,6 +20,16 @@ from ..crypto import SectorCipher
 from ..generated import qcow2 as q
 from ..image import Extent, Image, ImageError, UsageError
 from .header import Qcow2Header, load_header
+from .masks import (
+    L1_OFFSET,
+    L2_COMPRESSED,
+    L2_COPIED,
+    L2_OFFSET,
+    L2_ZERO,
+    SUB_ALLOC,
+    SUB_ZERO_SHIFT,
+    SUBCLUSTERS,
+)
 from .write import Qcow2Writer
 
 if TYPE_CHECKING:
@@ -27,14 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Qcow2Image", "SnapshotInfo"]
 
-L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
-L2_COPIED = q.L2Entry.COPIED_MASK
-L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
-L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
-L2_ZERO = q.L2Entry.ZERO_MASK
-SUB_ALLOC = q.SubclusterBitmap.ALLOCATED_MASK
-SUB_ZERO_SHIFT = q.SubclusterBitmap.READS_AS_ZERO_SHIFT
-SUBCLUSTERS = SUB_ZERO_SHIFT  # one allocation bit per subcluster
 
 L2_CACHE_BYTES = 32 << 20
 COMPRESSED_CACHE_BYTES = 8 << 20

@@ -36,6 +36,16 @@ from typing import BinaryIO, Protocol
 from ..generated import qcow2 as q
 from ..image import Extent, Image, ImageError, RawImage, UsageError
 from .image import Qcow2Image
+from .masks import (
+    L2_COMPRESSED,
+    L2_COPIED,
+    L2_OFFSET,
+    L2_ZERO,
+    REFT_OFFSET,
+    SUB_ALLOC,
+    SUB_ZERO_SHIFT,
+    SUBCLUSTERS,
+)
 
 __all__ = [
     "MapFormatError",
@@ -45,14 +55,6 @@ __all__ = [
     "qcow2_map",
 ]
 
-L2_COPIED = q.L2Entry.COPIED_MASK
-L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
-L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
-L2_ZERO = q.L2Entry.ZERO_MASK
-SUB_ALLOC = q.SubclusterBitmap.ALLOCATED_MASK
-SUB_ZERO_SHIFT = q.SubclusterBitmap.READS_AS_ZERO_SHIFT
-SUBCLUSTERS = SUB_ZERO_SHIFT  # one allocation bit per subcluster
-REFT_OFFSET = q.RefcountTableEntry.OFS_REFCOUNT_BLOCK_DIV512_MASK
 SECTOR = 512
 
 # the subcluster types of qemu (QCow2SubclusterType)

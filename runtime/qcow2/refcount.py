@@ -16,10 +16,10 @@ from typing import BinaryIO
 from ..errors import FormatError
 from ..generated import qcow2 as q
 from ..structbase import words_to_bytes
+from .masks import REFT_OFFSET
 
 __all__ = ["RefcountError", "Refcounts"]
 
-REFT_OFFSET = q.RefcountTableEntry.OFS_REFCOUNT_BLOCK_DIV512_MASK
 MAX_REFCOUNT_TABLE = 8 << 20  # bytes, qemu's limit
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ..generated import qcow2 as q
 from ..image import ImageError, UsageError
 from ..structbase import words_to_bytes
+from .masks import L1_COPIED, L1_OFFSET, L2_COMPRESSED, L2_COPIED, L2_OFFSET, H
 from .refcount import RefcountError
 
 if TYPE_CHECKING:
@@ -27,12 +28,6 @@ __all__ = ["MAX_SNAPSHOTS", "apply_snapshot", "create_snapshot", "delete_snapsho
 
 MAX_SNAPSHOTS = 65536
 EXTRA_DATA = 24  # what qemu writes: vm_state_size_large, disk_size, icount
-L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
-L1_COPIED = q.L1Entry.COPIED_MASK
-L2_COPIED = q.L2Entry.COPIED_MASK
-L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
-L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
-H = q.Header
 
 
 # walking --------------------------------------------------------------------------------

@@ -25,6 +25,19 @@ from ..generated import qcow2 as q
 from ..image import ImageError, UsageError
 from ..structbase import words_to_bytes
 from .bitmaps import DirtyBitmaps
+from .masks import (
+    L1_COPIED,
+    L1_OFFSET,
+    L2_COMPRESSED,
+    L2_COPIED,
+    L2_OFFSET,
+    L2_ZERO,
+    SUB_ALLOC,
+    SUB_ZERO,
+    SUB_ZERO_SHIFT,
+    SUBCLUSTERS,
+    H,
+)
 from .refcount import Refcounts
 
 if TYPE_CHECKING:
@@ -34,17 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Qcow2Writer"]
 
-L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
-L1_COPIED = q.L1Entry.COPIED_MASK
-L2_COPIED = q.L2Entry.COPIED_MASK
-L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
-L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
-L2_ZERO = q.L2Entry.ZERO_MASK
-SUB_ALLOC = q.SubclusterBitmap.ALLOCATED_MASK
-SUB_ZERO_SHIFT = q.SubclusterBitmap.READS_AS_ZERO_SHIFT
-SUB_ZERO = q.SubclusterBitmap.READS_AS_ZERO_MASK
-SUBCLUSTERS = SUB_ZERO_SHIFT
-H = q.Header
 
 
 class Qcow2Writer:
