@@ -83,6 +83,26 @@ def _options(text: str | None) -> dict[str, str]:
     return out
 
 
+class _Progress:
+    """``-p``: a progress bar on stderr (tqdm), counting guest bytes."""
+
+    def __init__(self, enabled: bool, total: int, what: str) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=what, file=sys.stderr, leave=True, dynamic_ncols=True)
+
+    def add(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _size(text: str) -> int:
     from .qcow2.create import parse_size
 
@@ -297,11 +317,13 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
             if new_name:
                 base = Path(args.filename).parent / new_name
                 new = open_image(new_name if os.path.isabs(new_name) else base, "r", new_fmt)
+            bar = _Progress(args.p, img.size, "rebase")
             try:
                 old = img.backing
                 step = 1 << 20
                 for kind, guest, _, length in _guest_runs(img):
                     if kind != _BACKING:
+                        bar.add(length)
                         continue
                     for off in range(guest, guest + length, step):
                         n = min(step, guest + length - off)
@@ -309,7 +331,9 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
                         now = _read_or_zeros(new, n, off)
                         if was != now:
                             img.pwrite(was, off)
+                        bar.add(n)
             finally:
+                bar.close()
                 if new is not None:
                     new.close()
         img.set_backing(new_name, new_fmt)
@@ -339,8 +363,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
             resize: Callable[..., None] = base.resize
             resize(img.size)
         runs = [r for r in _guest_runs(img) if r[0] != _BACKING]
-        total = sum(r[3] for r in runs) or 1
-        done = 0
+        bar = _Progress(args.p, sum(r[3] for r in runs), "commit")
         step = 1 << 20
         for kind, guest, _, length in runs:
             for off in range(guest, guest + length, step):
@@ -349,11 +372,8 @@ def _cmd_commit(args: argparse.Namespace) -> int:
                     base.write_zeroes(off, n)
                 else:
                     base.pwrite(img.pread(n, off), off)
-                done += n
-                if args.p:
-                    sys.stderr.write(f"\r    ({100.0 * done / total:.2f}/100%)")
-        if args.p:
-            sys.stderr.write("\n")
+                bar.add(n)
+        bar.close()
         base.flush()
         if not args.d:
             img.make_empty()
@@ -429,7 +449,7 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
     step = getattr(out, "cluster_size", 0) if compress else 1 << 20
     step = max(step, sparse or 512) if not compress else step
     base = 0
-    done = 0
+    bar = _Progress(progress, total, "convert")
     write_compressed = getattr(out, "write_compressed", None)
     if compress and write_compressed is None:
         raise CliError("Compression not supported for this file format")
@@ -448,12 +468,9 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
                         out.pwrite(piece, base + off + at)
             else:
                 out.pwrite(data, base + off)
-            done += n
-            if progress:
-                sys.stderr.write(f"\r    ({100.0 * done / max(total, 1):.2f}/100%)")
+            bar.add(n)
         base += src.size
-    if progress:
-        sys.stderr.write("\n")
+    bar.close()
 
 
 # ------------------------------------------------------------------------------------------------

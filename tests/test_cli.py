@@ -230,3 +230,11 @@ def test_measure_like_qemu_img(corpus: list[CorpusImage], tmp_path: Path) -> Non
             assert ours.stdout == theirs.stdout, (size, opts)
             checked += 1
     assert checked >= 70
+
+
+def test_progress_bars(corpus: list[CorpusImage], tmp_path: Path) -> None:
+    image = _plain(corpus)[0]
+    done = ds("convert", "-p", "-O", "qcow2", str(image.path), str(tmp_path / "p.qcow2"),
+              cwd=tmp_path)
+    assert done.returncode == 0 and "100%" in done.stderr
+    assert qi("compare", str(image.path), str(tmp_path / "p.qcow2"), cwd=tmp_path).returncode == 0
