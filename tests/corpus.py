@@ -120,6 +120,9 @@ def build_corpus(dest: Path) -> list[CorpusImage]:
         _remove_previous_build(dest)
         _Builder(tools, dest, RECIPES).build()
         manifest = {"hash": digest, "files": sorted(_all_outputs(RECIPES))}
+        # settle the files' block allocation (delayed allocation): qemu-img map guesses
+        # "preallocated metadata" from st_blocks, so the guess must not change mid-test
+        os.sync()
         marker.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return images
 

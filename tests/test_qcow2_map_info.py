@@ -305,6 +305,7 @@ def _qemu_io(*args: str, cwd: Path, killed: bool = False) -> None:
 
 def _check_all(path: Path) -> list[Extent]:
     """map (JSON and human) and info (JSON, human, chain) of one image against qemu."""
+    os.sync()  # st_blocks settled first: qemu's preallocation guess reads it
     cwd = path.parent
     spec = ["--image-opts", f"driver=qcow2,file.filename={path}"]
     with closing(_open(path)) as img:
