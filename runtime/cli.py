@@ -269,6 +269,19 @@ def _snapshot_table(img: Any) -> str:
     return format_snapshot_list(img)
 
 
+def _cmd_amend(args: argparse.Namespace) -> int:
+    from .qcow2.image import Qcow2Image
+
+    options = _options(args.o)
+    if not options:
+        raise CliError("Must specify options (-o)")
+    with _open(args, args.filename, "r+") as img:
+        if not isinstance(img, Qcow2Image):
+            raise CliError(f"Format driver '{img.fmt}' does not support option amendment")
+        img.amend(**options)
+    return 0
+
+
 def _cmd_measure(args: argparse.Namespace) -> int:
     from .measure import measure
     from .qcow2.info import format_info_json
@@ -564,6 +577,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", action="store_true")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_snapshot)
+
+    p = sub.add_parser("amend", help="change options of an existing image")
+    _common(p)
+    p.add_argument("-o", help="options: compat, lazy_refcounts, backing_file, backing_fmt")
+    p.add_argument("-p", action="store_true")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_amend)
 
     p = sub.add_parser("measure", help="the file size an image needs")
     _common(p)

@@ -238,3 +238,50 @@ def test_progress_bars(corpus: list[CorpusImage], tmp_path: Path) -> None:
               cwd=tmp_path)
     assert done.returncode == 0 and "100%" in done.stderr
     assert qi("compare", str(image.path), str(tmp_path / "p.qcow2"), cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("create", "amend"),
+    [
+        ("compat=0.10", "compat=1.1"),
+        ("compat=0.10,cluster_size=4096", "compat=1.1"),
+        ("compat=1.1", "compat=0.10"),
+        ("compat=1.1", "lazy_refcounts=on"),
+        ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off"),
+        ("compat=1.1", "backing_file=base.raw,backing_fmt=raw"),
+    ],
+)
+def test_amend_like_qemu_img(tmp_path: Path, create: str, amend: str) -> None:
+    qi("create", "-q", "-f", "raw", "base.raw", "4M", cwd=tmp_path)
+    for name in ("o.qcow2", "q.qcow2"):
+        assert qi("create", "-q", "-f", "qcow2", "-o", create, name, "4M",
+                  cwd=tmp_path).returncode == 0
+        subprocess.run([require_tool("qemu-io"), "-c", "write -P 9 65536 300000", name],
+                       cwd=tmp_path, check=True, capture_output=True)
+    ours = ds("amend", "-f", "qcow2", "-o", amend, "o.qcow2", cwd=tmp_path)
+    if amend.startswith("backing_file"):
+        # qemu-img 7.2 refuses to amend the backing file ("use qemu-img rebase"); diskspec
+        # does it, and must end where rebase -u ends
+        theirs = qi("rebase", "-u", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "q.qcow2",
+                    cwd=tmp_path)
+    else:
+        theirs = qi("amend", "-f", "qcow2", "-o", amend, "q.qcow2", cwd=tmp_path)
+    assert ours.returncode == theirs.returncode == 0, ours.stderr + theirs.stderr
+    info_o = json.loads(qi("info", "--output=json", "o.qcow2", cwd=tmp_path).stdout)
+    info_q = json.loads(qi("info", "--output=json", "q.qcow2", cwd=tmp_path).stdout)
+    for key in ("format-specific", "backing-filename", "backing-filename-format",
+                "virtual-size", "cluster-size"):
+        assert info_o.get(key) == info_q.get(key), key
+    assert qi("check", "o.qcow2", cwd=tmp_path).returncode == 0
+    assert qi("compare", "o.qcow2", "q.qcow2", cwd=tmp_path).returncode == 0
+
+
+def test_amend_refuses_what_it_cannot_do_yet(tmp_path: Path) -> None:
+    qi("create", "-q", "-f", "qcow2", "z.qcow2", "1M", cwd=tmp_path)
+    subprocess.run([require_tool("qemu-io"), "-c", "write -z 0 65536", "z.qcow2"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    done = ds("amend", "-f", "qcow2", "-o", "compat=0.10", "z.qcow2", cwd=tmp_path)
+    assert done.returncode == 1 and "zero clusters" in done.stderr
+    done = ds("amend", "-f", "qcow2", "-o", "refcount_bits=8", "z.qcow2", cwd=tmp_path)
+    assert done.returncode == 1 and "refcount_bits" in done.stderr
+    assert qi("check", "z.qcow2", cwd=tmp_path).returncode == 0

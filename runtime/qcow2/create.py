@@ -168,6 +168,22 @@ def _extension(ext_type: q.HeaderExtensionType, data: Any, raw: bytes) -> q.Head
     )
 
 
+def feature_name_table() -> q.ExtFeatureNameTable:
+    """The feature name table qemu writes: every known bit with its name (from the spec)."""
+    entries = []
+    for kind, labels in (
+        (q.FeatureType.INCOMPATIBLE, q.INCOMPATIBLE_FEATURE_LABELS),
+        (q.FeatureType.COMPATIBLE, q.COMPATIBLE_FEATURE_LABELS),
+        (q.FeatureType.AUTOCLEAR, q.AUTOCLEAR_FEATURE_LABELS),
+    ):
+        for flag, label in labels.items():
+            entries.append(q.FeatureNameEntry(
+                feature_type=kind, bit=int(flag).bit_length() - 1,
+                name=label.encode("ascii").ljust(46, b"\0"),
+            ))
+    return q.ExtFeatureNameTable(entries=entries)
+
+
 def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
     """Cluster 0 of a new image: header, extensions, backing file name."""
     cs = o.cluster_size
@@ -190,18 +206,7 @@ def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
         extensions.append(_extension(q.HeaderExtensionType.EXTERNAL_DATA_FILE,
                                      q.ExtExternalDataFile(name=name), name))
     if o.version >= 3 and cs > FEATURE_TABLE_MIN_CLUSTER:
-        entries = []
-        for kind, labels in (
-            (q.FeatureType.INCOMPATIBLE, q.INCOMPATIBLE_FEATURE_LABELS),
-            (q.FeatureType.COMPATIBLE, q.COMPATIBLE_FEATURE_LABELS),
-            (q.FeatureType.AUTOCLEAR, q.AUTOCLEAR_FEATURE_LABELS),
-        ):
-            for flag, label in labels.items():
-                entries.append(q.FeatureNameEntry(
-                    feature_type=kind, bit=int(flag).bit_length() - 1,
-                    name=label.encode("ascii").ljust(46, b"\0"),
-                ))
-        table = q.ExtFeatureNameTable(entries=entries)
+        table = feature_name_table()
         extensions.append(_extension(q.HeaderExtensionType.FEATURE_NAME_TABLE, table,
                                      table.build()))
     extensions.append(_extension(q.HeaderExtensionType.END, b"", b""))

@@ -25,6 +25,12 @@ from ..generated import qcow2 as q
 from ..image import ImageError, UsageError
 from ..structbase import words_to_bytes
 from .bitmaps import DirtyBitmaps
+from .create import (
+    FEATURE_TABLE_MIN_CLUSTER,
+    V3_HEADER_LENGTH,
+    _extension,
+    feature_name_table,
+)
 from .masks import (
     L1_COPIED,
     L1_OFFSET,
@@ -654,25 +660,27 @@ class Qcow2Writer:
             raise UsageError("Backing file specified without backing format")
         self._prepare_header()
         self.flush()
-        head = self.head
+        self._rewrite_cluster0(self.head.raw.header, name, fmt)
+
+    def _rewrite_cluster0(self, header: q.Header, name: str | None, fmt: str | None) -> None:
+        """Write cluster 0 anew: header, extensions in qemu's order, then the backing name."""
         cs = self.cluster_size
-        raw = head.raw
-        keep = [
-            e for e in raw.extension_area.extensions
-            if e.ext_type not in (q.HeaderExtensionType.BACKING_FILE_FORMAT,
-                                  q.HeaderExtensionType.END)
-        ]
+        v3 = header.version >= 3
+        skip = {q.HeaderExtensionType.BACKING_FILE_FORMAT, q.HeaderExtensionType.END,
+                q.HeaderExtensionType.FEATURE_NAME_TABLE}
+        keep = [e for e in self.head.raw.extension_area.extensions if e.ext_type not in skip]
         exts: list[q.HeaderExtension] = []
         if name is not None and fmt is not None:
             fmt_b = fmt.encode("ascii")
-            exts.append(q.HeaderExtension(
-                ext_type=q.HeaderExtensionType.BACKING_FILE_FORMAT, len_data=len(fmt_b),
-                data=q.ExtBackingFileFormat(name=fmt_b), padding=bytes(-len(fmt_b) % 8)))
+            exts.append(_extension(q.HeaderExtensionType.BACKING_FILE_FORMAT,
+                                   q.ExtBackingFileFormat(name=fmt_b), fmt_b))
         exts += keep
-        exts.append(q.HeaderExtension(ext_type=q.HeaderExtensionType.END, len_data=0,
-                                      data=b"", padding=b""))
+        if v3 and cs > FEATURE_TABLE_MIN_CLUSTER:
+            table = feature_name_table()
+            exts.append(_extension(q.HeaderExtensionType.FEATURE_NAME_TABLE, table,
+                                   table.build()))
+        exts.append(_extension(q.HeaderExtensionType.END, b"", b""))
         name_b = os.fsencode(name) if name is not None else b""
-        header = raw.header
         ext_len = sum(len(e.build()) for e in exts)
         start = header.len_header_effective
         header.ofs_backing_file_name = start + ext_len if name_b else 0
@@ -684,10 +692,81 @@ class Qcow2Writer:
         cluster = q.Qcow2(header=header, extension_area=area).build() + name_b
         os.pwrite(self._f.fileno(), cluster, 0)
         os.fsync(self._f.fileno())
-        self._f.seek(0)
         from .header import load_header
 
         self.head = load_header(self._f)
+
+    def amend(self, **options: str) -> None:
+        """``qemu-img amend -o``: compat, lazy_refcounts, backing_file, backing_fmt."""
+        if not self.writable:
+            raise UsageError(f"{self.path}: image is open read-only")
+        unknown = set(options) - {"compat", "lazy_refcounts", "backing_file", "backing_fmt"}
+        if unknown:
+            raise UsageError(f"Changing the option '{sorted(unknown)[0]}' is not supported yet")
+        self._prepare_header()
+        self.flush()
+        head = self.head
+        header = head.raw.header
+        compat = options.get("compat")
+        if compat in ("1.1", "v3") and header.version < 3:
+            header.version = 3
+            header.incompatible_features = q.IncompatibleFeature(0)
+            header.compatible_features = q.CompatibleFeature(0)
+            header.autoclear_features = q.AutoclearFeature(0)
+            header.refcount_order = 4
+            header.len_header = V3_HEADER_LENGTH
+            header.compression_type = q.CompressionType.ZLIB
+            header.padding = bytes(7)
+            self._rewrite_cluster0(header, _text(head.backing_file), head.backing_format)
+        elif compat in ("0.10", "v2") and header.version >= 3:
+            self._downgrade(header)
+        elif compat not in (None, "1.1", "v3", "0.10", "v2"):
+            raise UsageError(f"Invalid compatibility level: '{compat}'")
+        if "lazy_refcounts" in options:
+            on = _on(options["lazy_refcounts"], "lazy_refcounts")
+            if on and self.head.version < 3:
+                raise UsageError("Lazy refcounts only supported with compatibility level 1.1 "
+                                 "and above (use compat=1.1 or greater)")
+            if self.head.version >= 3:
+                raw = self.head.raw.header
+                bits = int(raw.compatible_features or 0)
+                bit = int(q.CompatibleFeature.LAZY_REFCOUNTS)
+                raw.compatible_features = q.CompatibleFeature(bits | bit if on else bits & ~bit)
+                self.head.compatible = raw.compatible_features
+                self._write_header_range(H.COMPATIBLE_FEATURES_AT, H.AUTOCLEAR_FEATURES_AT)
+        if "backing_file" in options or "backing_fmt" in options:
+            name = options.get("backing_file", _text(self.head.backing_file))
+            fmt = options.get("backing_fmt", self.head.backing_format)
+            self.set_backing(name or None, fmt if name else None)
+
+    def _downgrade(self, header: q.Header) -> None:
+        head = self.head
+        if int(head.incompatible) & ~int(q.IncompatibleFeature.DIRTY):
+            raise UsageError("Cannot downgrade an image with incompatible features "
+                             f"{int(head.incompatible):#x} set")
+        if head.refcount_order != 4:
+            raise UsageError("compat=0.10 requires refcount_bits=16")
+        for entry in self._all_l2_entries():
+            if entry & L2_ZERO:
+                raise UsageError("Downgrading an image with zero clusters is not supported yet")
+        header.version = 2
+        for name in ("incompatible_features", "compatible_features", "autoclear_features",
+                     "refcount_order", "len_header", "compression_type", "padding",
+                     "unknown_header_fields"):
+            setattr(header, name, None)
+        self._rewrite_cluster0(header, _text(head.backing_file), head.backing_format)
+
+    def _all_l2_entries(self) -> list[int]:
+        """Every L2 entry of the active and the snapshot L1 tables."""
+        tables: set[int] = {e & L1_OFFSET for e in self._l1 if e & L1_OFFSET}
+        if self.head.nb_snapshots:
+            for snap in self.head.raw.read_snapshot_table(self._f):
+                tables |= {e & L1_OFFSET for e in snap.read_l1_table(self._f) if e & L1_OFFSET}
+        stride = 2 if self.head.extended_l2 else 1
+        out: list[int] = []
+        for offset in sorted(tables):
+            out.extend(self._table(offset)[::stride])
+        return out
 
     def make_empty(self) -> None:
         """Drop every cluster so the image reads its backing file again (after a commit)."""
@@ -698,3 +777,16 @@ class Qcow2Writer:
         for cstart in range(0, self.size, cs):
             self._set_entry(cstart, 0, 0)
         self.flush()
+
+
+def _text(name: bytes | None) -> str | None:
+    return os.fsdecode(name) if name is not None else None
+
+
+def _on(value: str, name: str) -> bool:
+    text = str(value).lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
