@@ -35,6 +35,7 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5
 from cryptography.hazmat.primitives.ciphers import BlockCipherAlgorithm, Cipher, algorithms, modes
 
 from .errors import FormatError
+from .generated import qcow2 as _q
 
 if TYPE_CHECKING:
     from .generated.qcow2 import LuksHeader
@@ -68,8 +69,8 @@ if array("Q").itemsize != 8:  # pragma: no cover - every CPython platform has 8-
 _U64: Final = (1 << 64) - 1
 _U32: Final = (1 << 32) - 1
 _LUKS_HEADER_SECTORS: Final = 4096 // SECTOR_SIZE  # qemu: key material starts after 4 KiB
-_LUKS_SLOT_ACTIVE: Final = 0x00AC71F3
-_LUKS_SLOT_DISABLED: Final = 0x0000DEAD
+_LUKS_SLOT_ACTIVE: Final = int(_q.LuksKeySlotState.ACTIVE)  # from the spec
+_LUKS_SLOT_DISABLED: Final = int(_q.LuksKeySlotState.DISABLED)
 _LUKS_DIGEST_SIZE: Final = 20
 _LUKS_HASHES: Final = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 
