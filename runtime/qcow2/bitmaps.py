@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..generated import qcow2 as q
 from ..structbase import words_to_bytes
@@ -20,12 +20,24 @@ from ..structbase import words_to_bytes
 if TYPE_CHECKING:
     from .write import Qcow2Writer
 
-__all__ = ["DirtyBitmaps"]
+__all__ = ["DirtyBitmaps", "bitmap_clusters"]
 
 IN_USE = q.BitmapFlag.IN_USE
 AUTO = q.BitmapFlag.AUTO
 DATA_OFFSET = q.BitmapTableEntry.OFS_DATA_DIV512_MASK
 ALL_ONES = q.BitmapTableEntry.ALL_ONES_MASK
+
+
+def bitmap_clusters(f: BinaryIO, ext: q.ExtBitmaps, cluster_size: int) -> list[int]:
+    """Every cluster the bitmaps use: the directory, each bitmap table and its data."""
+    start = ext.ofs_bitmap_directory // cluster_size
+    last = (ext.ofs_bitmap_directory + ext.len_bitmap_directory - 1) // cluster_size
+    out = list(range(start, last + 1))
+    for entry in ext.read_bitmap_directory(f).entries:
+        first = entry.ofs_bitmap_table // cluster_size
+        out += range(first, first + -(-entry.num_bitmap_table_entries * 8 // cluster_size))
+        out += [w // cluster_size for w in entry.read_bitmap_table(f) if w & DATA_OFFSET]
+    return out
 
 
 @dataclass(slots=True)

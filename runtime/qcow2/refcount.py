@@ -124,7 +124,7 @@ class Refcounts:
             return block
         if index >= len(self.table):
             self._grow_table(index + 1)
-        block = array(_typecode(self.order), bytes(self.per_block * _itemsize(self.order)))
+        block = array(typecode(self.order), bytes(self.per_block * itemsize(self.order)))
         home = max(index << self.per_block_bits, 1)  # every cluster of the range is free
         block[home & (self.per_block - 1)] = 1
         self.blocks[index] = block
@@ -220,9 +220,9 @@ class Refcounts:
                     yield base + slot, value
 
 
-def _typecode(order: int) -> str:
+def typecode(order: int) -> str:
     return {0: "B", 1: "B", 2: "B", 3: "B", 4: "H", 5: "I", 6: "Q"}[order]
 
 
-def _itemsize(order: int) -> int:
-    return array(_typecode(order)).itemsize
+def itemsize(order: int) -> int:
+    return array(typecode(order)).itemsize

@@ -662,12 +662,16 @@ class Qcow2Writer:
         self.flush()
         self._rewrite_cluster0(self.head.raw.header, name, fmt)
 
-    def _rewrite_cluster0(self, header: q.Header, name: str | None, fmt: str | None) -> None:
+    def _rewrite_cluster0(
+        self, header: q.Header, name: str | None, fmt: str | None, keep_bitmaps: bool = True
+    ) -> None:
         """Write cluster 0 anew: header, extensions in qemu's order, then the backing name."""
         cs = self.cluster_size
         v3 = header.version >= 3
         skip = {q.HeaderExtensionType.BACKING_FILE_FORMAT, q.HeaderExtensionType.END,
                 q.HeaderExtensionType.FEATURE_NAME_TABLE}
+        if not keep_bitmaps:
+            skip.add(q.HeaderExtensionType.BITMAPS)
         keep = [e for e in self.head.raw.extension_area.extensions if e.ext_type not in skip]
         exts: list[q.HeaderExtension] = []
         if name is not None and fmt is not None:
@@ -697,18 +701,31 @@ class Qcow2Writer:
         self.head = load_header(self._f)
 
     def amend(self, **options: str) -> None:
-        """``qemu-img amend -o``: compat, lazy_refcounts, backing_file, backing_fmt."""
+        """``qemu-img amend -o``: compat, refcount_bits, lazy_refcounts, backing_file,
+        backing_fmt, applied in qemu's order (upgrade, refcount width, downgrade last)."""
+        from .amend import change_refcount_order, refcount_order_of
+
         if not self.writable:
             raise UsageError(f"{self.path}: image is open read-only")
-        unknown = set(options) - {"compat", "lazy_refcounts", "backing_file", "backing_fmt"}
+        known = {"compat", "refcount_bits", "lazy_refcounts", "backing_file", "backing_fmt"}
+        unknown = set(options) - known
         if unknown:
             raise UsageError(f"Changing the option '{sorted(unknown)[0]}' is not supported yet")
+        compat = options.get("compat")
+        if compat not in (None, "1.1", "v3", "0.10", "v2"):
+            raise UsageError(f"Invalid compatibility level: '{compat}'")
+        target = 3 if compat in ("1.1", "v3") else 2 if compat else self.head.version
+        order = self.head.refcount_order
+        if "refcount_bits" in options:
+            order = refcount_order_of(options["refcount_bits"])
+            if order != 4 and target < 3:
+                raise UsageError("Refcount widths other than 16 bits require compatibility "
+                                 "level 1.1 or above (use compat=1.1 or greater)")
         self._prepare_header()
         self.flush()
         head = self.head
         header = head.raw.header
-        compat = options.get("compat")
-        if compat in ("1.1", "v3") and header.version < 3:
+        if target >= 3 and header.version < 3:
             header.version = 3
             header.incompatible_features = q.IncompatibleFeature(0)
             header.compatible_features = q.CompatibleFeature(0)
@@ -718,10 +735,9 @@ class Qcow2Writer:
             header.compression_type = q.CompressionType.ZLIB
             header.padding = bytes(7)
             self._rewrite_cluster0(header, _text(head.backing_file), head.backing_format)
-        elif compat in ("0.10", "v2") and header.version >= 3:
-            self._downgrade(header)
-        elif compat not in (None, "1.1", "v3", "0.10", "v2"):
-            raise UsageError(f"Invalid compatibility level: '{compat}'")
+        change_refcount_order(self, order)
+        if target < 3 and self.head.version >= 3:
+            self._downgrade()
         if "lazy_refcounts" in options:
             on = _on(options["lazy_refcounts"], "lazy_refcounts")
             if on and self.head.version < 3:
@@ -739,22 +755,35 @@ class Qcow2Writer:
             fmt = options.get("backing_fmt", self.head.backing_format)
             self.set_backing(name or None, fmt if name else None)
 
-    def _downgrade(self, header: q.Header) -> None:
+    def _downgrade(self) -> None:
+        """compat=0.10 (qemu's qcow2_downgrade): zero clusters expanded, feature bits and
+        bitmaps dropped, the header rewritten as version 2."""
+        from .amend import drop_bitmaps, expand_zero_clusters
+
         head = self.head
-        if int(head.incompatible) & ~int(q.IncompatibleFeature.DIRTY):
+        header = head.raw.header
+        allowed = int(q.IncompatibleFeature.DIRTY) | int(q.IncompatibleFeature.COMPRESSION_TYPE)
+        if int(head.incompatible) & ~allowed:
             raise UsageError("Cannot downgrade an image with incompatible features "
-                             f"{int(head.incompatible):#x} set")
+                             f"{int(head.incompatible) & ~int(q.IncompatibleFeature.DIRTY):#x} set")
         if head.refcount_order != 4:
             raise UsageError("compat=0.10 requires refcount_bits=16")
-        for entry in self._all_l2_entries():
-            if entry & L2_ZERO:
-                raise UsageError("Downgrading an image with zero clusters is not supported yet")
+        if head.compression_type != q.CompressionType.ZLIB:
+            if any(e & L2_COMPRESSED for e in self._all_l2_entries()):
+                raise UsageError("Cannot downgrade an image with zstd compression type and "
+                                 "existing compressed clusters")
+        expand_zero_clusters(self)
+        freed = drop_bitmaps(self)
+        self._set_dirty_bit = False  # the version 2 header has no feature bits
         header.version = 2
         for name in ("incompatible_features", "compatible_features", "autoclear_features",
                      "refcount_order", "len_header", "compression_type", "padding",
                      "unknown_header_fields"):
             setattr(header, name, None)
-        self._rewrite_cluster0(header, _text(head.backing_file), head.backing_format)
+        self._rewrite_cluster0(header, _text(head.backing_file), head.backing_format,
+                               keep_bitmaps=False)
+        self._pending_free.extend(freed)
+        self.flush()
 
     def _all_l2_entries(self) -> list[int]:
         """Every L2 entry of the active and the snapshot L1 tables."""
