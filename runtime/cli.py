@@ -7,6 +7,7 @@ are one line, ``diskspec: error: ...``, with qemu-img's exit code; never a trace
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ def _secrets(args: argparse.Namespace) -> dict[str, bytes]:
     """``--object secret,id=ID,data=...|file=...`` as qemu-img takes them."""
     found: dict[str, bytes] = {}
     for spec in getattr(args, "object", None) or []:
-        fields = dict(part.split("=", 1) for part in spec.split(",")[1:] if "=" in part)
+        fields = _options(spec)
         if not spec.startswith("secret,") or "id" not in fields:
             raise CliError(f"unsupported --object '{spec}' (only secret objects are known)")
         if "data" in fields:
@@ -62,12 +63,56 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     return None
 
 
+class _ImageOpts:
+    """``--image-opts driver=FMT,file.filename=PATH[,encrypt.key-secret=ID]``."""
+
+    def __init__(self, args: argparse.Namespace, spec: str) -> None:
+        opts = _options(spec)
+        self.fmt = opts.pop("driver", None)
+        path = opts.pop("file.filename", None) or opts.pop("filename", None)
+        if path is None:
+            raise CliError(f"The 'file' block driver requires a file name ({spec})")
+        self.path = path
+        self.secret_id = opts.pop("encrypt.key-secret", None)
+        opts.pop("file.driver", None)
+        if opts:
+            raise CliError(f"Block format '{self.fmt}' does not support the option "
+                           f"'{sorted(opts)[0]}'")
+        self.passphrase: bytes | None = None
+        if self.secret_id is not None:
+            secrets = _secrets(args)
+            if self.secret_id not in secrets:
+                raise CliError(f"No secret with id '{self.secret_id}'")
+            self.passphrase = secrets[self.secret_id]
+
+    def display_name(self) -> str:
+        """The pseudo file name qemu reports for such an image (``json:{...}``)."""
+        from .qcow2.info import qdict_order
+
+        items: list[tuple[str, Any]] = [("driver", self.fmt)] if self.fmt else []
+        items.append(("file", qdict_order([("driver", "file"), ("filename", self.path)])))
+        if self.secret_id is not None:
+            items.append(("encrypt.key-secret", self.secret_id))
+        return "json:" + json.dumps(qdict_order(items), separators=(", ", ": "))
+
+
 def _open(args: argparse.Namespace, filename: str, mode: str = "r", fmt: str | None = None,
           backing: bool = True) -> Image:
     from . import open as open_image
 
+    if getattr(args, "image_opts", False):
+        opts = _ImageOpts(args, filename)
+        return open_image(opts.path, mode, opts.fmt, backing=backing,
+                          passphrase=opts.passphrase)
     return open_image(filename, mode, fmt if fmt is not None else getattr(args, "f", None),
                       backing=backing, passphrase=_passphrase(args))
+
+
+def _shown_name(args: argparse.Namespace, filename: str) -> str:
+    """The name info reports: the file name, or qemu's json: name for --image-opts."""
+    if getattr(args, "image_opts", False):
+        return _ImageOpts(args, filename).display_name()
+    return filename
 
 
 def _options(text: str | None) -> dict[str, str]:
@@ -114,18 +159,20 @@ def _size(text: str) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .qcow2.image import Qcow2Image
-    from .qcow2.info import format_info_human, format_info_json
+    from .qcow2.info import format_info_human, format_info_json, layer_info
 
     with _open(args, args.filename) as img:
-        if isinstance(img, Qcow2Image):
-            info: Any = img.info_chain() if args.backing_chain else img.info()
+        chain: Callable[[], list[dict[str, Any]]] | None = getattr(img, "info_chain", None)
+        if chain is not None:
+            # formats with their own info (qcow2, qcow, FVD) report their whole chain
+            info: Any = chain() if args.backing_chain else img.info()
         else:
-            from .qcow2.info import layer_info
-
             info = layer_info(img, args.filename)
             if args.backing_chain:
                 info = [info]
+        if getattr(args, "image_opts", False):
+            top = info[0] if isinstance(info, list) else info
+            top["filename"] = _shown_name(args, args.filename)
         if args.output == "json":
             sys.stdout.write(format_info_json(info))
         else:
@@ -150,16 +197,17 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .qcow2.image import Qcow2Image
+    from .qcow2.check import CheckResult
 
     mode = "r+" if args.r else "r"
     with _open(args, args.filename, mode) as img:
-        if not isinstance(img, Qcow2Image):
+        check: Callable[..., CheckResult] | None = getattr(img, "check", None)
+        if check is None:
             sys.stderr.write(
                 "diskspec: error: This image format does not support checks\n"
             )
             return 63
-        result = img.check(repair=args.r)
+        result = check(repair=args.r)
     for line in result.messages:
         sys.stderr.write(line + "\n")
     if result.failed is not None:
@@ -250,8 +298,16 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     write = args.c or args.a or args.d
     with _open(args, args.filename, "r+" if write else "r") as img:
         if not isinstance(img, Qcow2Image):
-            raise CliError(f"Could not {'create' if args.c else 'list'} snapshot: "
-                           "Operation not supported")
+            # formats without internal snapshots, in qemu-img's words
+            if args.c:
+                raise CliError(f"Could not create snapshot '{args.c}': -95 "
+                               "(Operation not supported)")
+            if args.a:
+                raise CliError(f"Could not apply snapshot '{args.a}': Block driver does not "
+                               "support snapshots")
+            if args.d:
+                raise CliError(f"Could not delete snapshot '{args.d}': snapshot not found")
+            return 0
         if args.c:
             img.create_snapshot(args.c)
         elif args.a:
@@ -270,15 +326,14 @@ def _snapshot_table(img: Any) -> str:
 
 
 def _cmd_amend(args: argparse.Namespace) -> int:
-    from .qcow2.image import Qcow2Image
-
     options = _options(args.o)
     if not options:
         raise CliError("Must specify options (-o)")
     with _open(args, args.filename, "r+") as img:
-        if not isinstance(img, Qcow2Image):
+        amend: Callable[..., None] | None = getattr(img, "amend", None)
+        if amend is None:
             raise CliError(f"Format driver '{img.fmt}' does not support option amendment")
-        img.amend(**options)
+        amend(**options)
     return 0
 
 
@@ -318,13 +373,16 @@ def _guest_runs(img: Image) -> list[tuple[int, int, int, int]]:
 
 def _cmd_rebase(args: argparse.Namespace) -> int:
     from .opener import open_image
-    from .qcow2.image import _BACKING, Qcow2Image
+    from .qcow2.image import _BACKING
 
     new_name: str | None = args.b or None
     new_fmt = args.F or ("raw" if new_name else None)
     with _open(args, args.filename, "r+", backing=not args.u) as img:
-        if not isinstance(img, Qcow2Image):
-            raise CliError("Operation not supported")
+        set_backing: Callable[[str | None, str | None], None] | None = getattr(
+            img, "set_backing", None)
+        if set_backing is None:
+            raise CliError(f"Could not change the backing file to '{new_name or ''}': "
+                           "Operation not supported")
         if not args.u:
             new = None
             if new_name:
@@ -332,7 +390,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
                 new = open_image(new_name if os.path.isabs(new_name) else base, "r", new_fmt)
             bar = _Progress(args.p, img.size, "rebase")
             try:
-                old = img.backing
+                old: Image | None = getattr(img, "backing", None)
                 step = 1 << 20
                 for kind, guest, _, length in _guest_runs(img):
                     if kind != _BACKING:
@@ -349,7 +407,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
                 bar.close()
                 if new is not None:
                     new.close()
-        img.set_backing(new_name, new_fmt)
+        set_backing(new_name, new_fmt)
     return 0
 
 
@@ -362,16 +420,17 @@ def _read_or_zeros(img: Image | None, n: int, offset: int) -> bytes:
 
 def _cmd_commit(args: argparse.Namespace) -> int:
     from .opener import open_image
-    from .qcow2.image import _BACKING, _ZERO, Qcow2Image
+    from .qcow2.image import _BACKING, _ZERO
 
     with _open(args, args.filename, "r+") as img:
-        if not isinstance(img, Qcow2Image) or img.backing is None:
+        old: Image | None = getattr(img, "backing", None)
+        make_empty: Callable[[], None] | None = getattr(img, "make_empty", None)
+        if old is None or make_empty is None:
             raise CliError("Image does not have a backing file")
-        base_path = img.backing.path
-        base_fmt = img.head.backing_format or "raw"
-        img.backing.close()
-        img.backing = open_image(base_path, "r+", base_fmt)
-        base = img.backing
+        base_fmt = getattr(img, "backing_format", None) or old.fmt
+        old.close()
+        base = open_image(old.path, "r+", base_fmt)
+        setattr(img, "backing", base)  # noqa: B010 - every format with a backing file has it
         if img.size > base.size:
             resize: Callable[..., None] = base.resize
             resize(img.size)
@@ -389,7 +448,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
         bar.close()
         base.flush()
         if not args.d:
-            img.make_empty()
+            make_empty()
     sys.stdout.write("Image committed.\n")
     return 0
 
@@ -517,6 +576,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, fmt: bool = True) -> None:
     p.add_argument("--object", action="append", help="secret,id=ID,data=PASS (passphrase)")
+    p.add_argument("--image-opts", action="store_true",
+                   help="file names are option strings: driver=FMT,file.filename=PATH,...")
     p.add_argument("-U", "--force-share", action="store_true", help="accepted, no effect")
     if fmt:
         p.add_argument("-f", help="image format (default: from the magic, raw otherwise)")

@@ -325,6 +325,11 @@ class Qcow2Image(Qcow2Writer, Image):
 
     # snapshots --------------------------------------------------------------------------------
 
+    @property
+    def backing_format(self) -> str | None:
+        """The format the header records for the backing file (None: read as raw)."""
+        return self.head.backing_format
+
     def snapshots(self) -> list[SnapshotInfo]:
         """The internal snapshots, in table order."""
         if self.head.nb_snapshots == 0:
