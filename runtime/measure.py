@@ -129,7 +129,7 @@ def measure(fmt: str, options: dict[str, Any], size: int | None, source: Image |
     if fmt == "raw":
         return Measure(virtual, virtual)  # a raw file is as large as the disk
     if fmt != "qcow2":
-        raise UsageError(f"Format driver '{fmt}' does not support size measurement")
+        raise UsageError(f"Block driver '{fmt}' does not support size measurement")
     try:
         o = Qcow2Options.from_qemu(virtual, dict(options))
     except UsageError as exc:

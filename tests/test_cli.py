@@ -325,3 +325,11 @@ def test_what_a_format_cannot_do_fails_as_in_qemu_img(tmp_path: Path, fmt: str) 
         err_q = "\n".join(line for line in theirs.stderr.splitlines()
                           if line.startswith("qemu-img:"))
         assert err_o.strip() == err_q.strip(), (full, ours.stderr, theirs.stderr)
+
+
+@pytest.mark.parametrize("fmt", ["qcow"])
+def test_measure_refuses_formats_qemu_cannot_measure(tmp_path: Path, fmt: str) -> None:
+    ours = ds_inproc("measure", "-O", fmt, "--size", "1G", cwd=tmp_path)
+    theirs = qi("measure", "-O", fmt, "--size", "1G", cwd=tmp_path)
+    assert ours.returncode == theirs.returncode == 1
+    assert ours.stderr.replace("diskspec: error: ", "qemu-img: ") == theirs.stderr
