@@ -242,8 +242,14 @@ def _qcow2_layer(img: Qcow2Image, filename: str) -> dict[str, Any]:
 
 
 def _layer(img: Image, filename: str) -> dict[str, Any]:
+    from ..qcow.image import QcowImage
+
     if isinstance(img, Qcow2Image):
         return _qcow2_layer(img, filename)
+    if isinstance(img, QcowImage):
+        from ..qcow.info import qcow_layer
+
+        return qcow_layer(img, filename)
     if isinstance(img, RawImage):
         return qdict_order(
             [
@@ -290,7 +296,7 @@ def qcow2_info(
         # qemu opens each backing file by the full name the layer above reports
         info = _layer(layer, info.get("full-backing-filename", str(layer.path)))
         chain.append(info)
-        layer = layer.backing if isinstance(layer, Qcow2Image) else None
+        layer = getattr(layer, "backing", None)  # qcow2 and qcow layers have one
     return chain
 
 
