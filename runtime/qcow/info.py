@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ..image import Image
-from ..qcow2.info import _actual_size, _path_combine, _text, layer_info, qdict_order
+from ..qcow2.info import image_items, layer_info, qdict_order
 from .image import QcowImage
 
 __all__ = ["qcow_info_chain", "qcow_layer"]
@@ -20,22 +20,10 @@ __all__ = ["qcow_info_chain", "qcow_layer"]
 def qcow_layer(img: QcowImage, filename: str) -> dict[str, Any]:
     """One ``qemu-img info --output=json`` entry of a qcow v1 image named ``filename``."""
     head = img.head
-    items: list[tuple[str, Any]] = [
-        ("filename", filename),
-        ("format", "qcow"),
-        ("dirty-flag", False),
-        ("actual-size", _actual_size(img)),
-        ("virtual-size", head.size),
-        ("cluster-size", head.cluster_size),
-    ]
-    if head.encrypted:
-        items.append(("encrypted", True))
-    if head.backing_file:
-        backing = _text(head.backing_file)
-        items += [
-            ("backing-filename", backing),
-            ("full-backing-filename", _path_combine(filename, backing)),
-        ]
+    # qcow v1 has no dirty flag and cannot record a backing format
+    items = image_items(img, filename, size=head.size, cluster_size=head.cluster_size,
+                        dirty=False, encrypted=head.encrypted, backing_file=head.backing_file,
+                        backing_format=None)
     return qdict_order(items)
 
 
