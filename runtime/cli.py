@@ -114,11 +114,12 @@ def _size(text: str) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .qcow.image import QcowImage
     from .qcow2.image import Qcow2Image
     from .qcow2.info import format_info_human, format_info_json
 
     with _open(args, args.filename) as img:
-        if isinstance(img, Qcow2Image):
+        if isinstance(img, Qcow2Image | QcowImage):
             info: Any = img.info_chain() if args.backing_chain else img.info()
         else:
             from .qcow2.info import layer_info
@@ -197,6 +198,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     size = size if size is not None else options.pop("size")
     if not args.q:
         sys.stdout.write(_formatting_line(args.filename, fmt, _size(str(size)), options))
+    if fmt == "qcow":
+        options["secrets"] = _secrets(args)
     create(args.filename, fmt, size, **options)
     return 0
 
@@ -205,6 +208,9 @@ def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]
     """qemu-img create's "Formatting ..." line: its options, defaults filled in, its order."""
     if fmt == "raw":
         order: list[tuple[str, Any]] = [("size", size), ("preallocation", None)]
+    elif fmt == "qcow":
+        order = [("size", size), ("backing_file", None), ("backing_fmt", None),
+                 ("encryption", None), ("encrypt.format", None), ("encrypt.key-secret", None)]
     else:
         order = [
             ("cluster_size", 65536), ("extended_l2", "off"), ("preallocation", None),
@@ -249,6 +255,17 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
 
     write = args.c or args.a or args.d
     with _open(args, args.filename, "r+" if write else "r") as img:
+        from .qcow.image import QcowImage
+
+        if isinstance(img, QcowImage):  # what qemu's qcow driver answers
+            if args.c:
+                img.create_snapshot(args.c)
+            elif args.a:
+                raise CliError(f"Could not apply snapshot '{args.a}': Block driver does not "
+                               "support snapshots")
+            elif args.d:
+                raise CliError(f"Could not delete snapshot '{args.d}': snapshot not found")
+            return 0
         if not isinstance(img, Qcow2Image):
             raise CliError(f"Could not {'create' if args.c else 'list'} snapshot: "
                            "Operation not supported")
@@ -322,7 +339,11 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
 
     new_name: str | None = args.b or None
     new_fmt = args.F or ("raw" if new_name else None)
+    from .qcow.image import QcowImage
+
     with _open(args, args.filename, "r+", backing=not args.u) as img:
+        if isinstance(img, QcowImage):
+            img.set_backing(new_name, new_fmt)  # refused before anything is copied
         if not isinstance(img, Qcow2Image):
             raise CliError("Operation not supported")
         if not args.u:
@@ -362,13 +383,14 @@ def _read_or_zeros(img: Image | None, n: int, offset: int) -> bytes:
 
 def _cmd_commit(args: argparse.Namespace) -> int:
     from .opener import open_image
+    from .qcow.image import QcowImage
     from .qcow2.image import _BACKING, _ZERO, Qcow2Image
 
     with _open(args, args.filename, "r+") as img:
-        if not isinstance(img, Qcow2Image) or img.backing is None:
+        if not isinstance(img, Qcow2Image | QcowImage) or img.backing is None:
             raise CliError("Image does not have a backing file")
         base_path = img.backing.path
-        base_fmt = img.head.backing_format or "raw"
+        base_fmt = img.backing.fmt  # the format the backing file was opened with
         img.backing.close()
         img.backing = open_image(base_path, "r+", base_fmt)
         base = img.backing
@@ -445,6 +467,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         options: dict[str, Any] = _options(args.o)
         if args.B:
             options |= {"backing_file": args.B, "backing_fmt": args.F or "raw"}
+        if fmt == "qcow":
+            options["secrets"] = _secrets(args)  # encrypt.key-secret=ID names one of them
         if not args.n:
             create(target, fmt, total, **options)
         sparse = _size(args.S) if args.S else 4096
@@ -466,6 +490,8 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
     write_compressed = getattr(out, "write_compressed", None)
     if compress and write_compressed is None:
         raise CliError("Compression not supported for this file format")
+    # over a backing file (-B) a skipped range would read the backing data: write zeros there
+    backed = getattr(out, "backing", None) is not None
     for src in sources:
         for off in range(0, src.size, step):
             n = min(step, src.size - off)
@@ -474,11 +500,15 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
                 if data.count(0) != len(data):
                     assert write_compressed is not None
                     write_compressed(data, base + off)
+                elif backed:
+                    out.write_zeroes(base + off, n)
             elif sparse:
                 for at in range(0, n, sparse):
                     piece = data[at : at + sparse]
                     if piece.count(0) != len(piece):
                         out.pwrite(piece, base + off + at)
+                    elif backed:
+                        out.write_zeroes(base + off + at, len(piece))
             else:
                 out.pwrite(data, base + off)
             bar.add(n)

@@ -247,3 +247,20 @@ def test_qcow2_over_a_qcow_backing(tmp_path: Path) -> None:
     done = qemu_img("info", "--output=json", "--backing-chain", str(top), cwd=tmp_path)
     assert got == done.stdout
     assert extents == qemu_img("map", "--output=json", str(top), cwd=tmp_path).stdout
+
+
+def test_cli_info_and_map_text_match_qemu(
+    corpus: list[CorpusImage], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diskspec.cli import main
+
+    for image in (i for i in _qcow1(corpus) if i.secret is None):
+        cwd = image.path.parent
+        for args in (["info"], ["info", "--backing-chain"], ["map"]):
+            capsys.readouterr()
+            code = main([*args, str(image.path)])
+            out, err = capsys.readouterr()
+            done = qemu_img(*args, "-f", "qcow", str(image.path), cwd=cwd)
+            assert (code, out) == (done.returncode, done.stdout), (image.name, args)
+            if code:
+                assert err.split(": ", 2)[-1] == done.stderr.split(": ", 1)[-1], image.name
