@@ -488,3 +488,29 @@ def test_convert_to_qcow_with_backing_and_encryption(tmp_path: Path) -> None:
     walk(enc)
     assert qemu_raw(enc, tmp_path / "c.raw", "pw") == data + bytes(-len(data) % 512)
     assert b"\x01" * 512 not in enc.read_bytes()  # really encrypted
+
+
+def test_hostile_tables_cannot_make_writes_hit_metadata(tmp_path: Path) -> None:
+    """L1 and L2 entries pointing into the header, the L1 table or an L2 table: a write
+    there is refused and the file left as it was (qemu's qcow driver would write)."""
+    from diskspec.generated import qcow as qv
+    from diskspec.tests.test_bad_input import _poke
+
+    path = tmp_path / "big.qcow"
+    assert qemu_img("create", "-q", "-f", "qcow", str(path), "4G").returncode == 0  # 16 KiB L1
+    qemu_io(path, "write -P 0x11 0 4k")
+    data = path.read_bytes()
+    h = qv.Qcow.parse(data).header
+    l2 = qv.L1Entry.parse(data, h.ofs_l1_table).ofs_l2_table
+    cases = {
+        "data over the L2 table": _poke(data, l2, ">Q", l2),
+        "data over the L1 table": _poke(data, l2, ">Q", 4096),
+        "table in the header": _poke(data, h.ofs_l1_table, ">Q", 8),
+    }
+    for what, image in cases.items():
+        path.write_bytes(image)
+        with (_open(path, None) as img,
+              pytest.raises(ImageError, match="invalid write on metadata")):
+            img.pwrite(b"\x99" * 100, 0)
+            img.flush()
+        assert path.read_bytes() == image, what

@@ -17,6 +17,7 @@ cluster that is not allocated copy the rest of the cluster from what the guest r
 
 from __future__ import annotations
 
+import bisect
 import os
 from array import array
 from pathlib import Path
@@ -69,6 +70,7 @@ class QcowWriter:
         self._l2_dirty: dict[int, array[int]] = {}
         self._l1_dirty: set[int] = set()
         self._data_unsynced = False
+        self._tables_at: list[tuple[int, int]] | None = None  # sorted L2 ranges, for overlaps
         # the next free byte: past the file and past tables reserved but not yet written
         self._end = max(file_size, self.head.metadata_end)
 
@@ -103,10 +105,18 @@ class QcowWriter:
     def _l2_index(self, cstart: int) -> int:
         return (cstart >> self.head.cluster_bits) & (self.head.raw.header.num_l2_entries - 1)
 
+    def _guard_table(self, cstart: int) -> None:
+        """Refuse, before anything is written, to change an L2 table that lies over the
+        header, the backing name or the L1 table."""
+        offset = self._l1[cstart >> self.head.l1_shift]
+        if offset and offset < self.head.metadata_end:
+            self._no_metadata_overlap(offset, self.head.l2_bytes, "an L2 table")
+
     def _set_entry(self, cstart: int, entry: int) -> None:
         """Change one L2 entry in memory (a new table if needed); written at flush."""
         l1_index = cstart >> self.head.l1_shift
         offset = self._l1[l1_index]
+        self._guard_table(cstart)
         if offset:
             table = self._table(offset)
         else:
@@ -116,6 +126,8 @@ class QcowWriter:
             table = array("Q", bytes(self.head.l2_bytes))
             self._l1[l1_index] = offset
             self._l1_dirty.add(l1_index)
+            if self._tables_at is not None:
+                bisect.insort(self._tables_at, (offset, offset + self.head.l2_bytes))
         self._l2_dirty[offset] = table
         self._l2_cache.drop(offset)
         table[self._l2_index(cstart)] = entry
@@ -161,11 +173,27 @@ class QcowWriter:
         if in_place:
             self._host_write(entry & L2_OFFSET, content)
             return
+        self._guard_table(cstart)
         host = self._allocate(cs)
         self._host_write(host, content)
         self._set_entry(cstart, host)
 
+    def _no_metadata_overlap(self, offset: int, n: int, what: str) -> None:
+        """Refuse a write over the header, the backing name, the L1 table or an L2 table
+        (which only a hostile image can ask for; qemu's qcow driver does not check)."""
+        if self._tables_at is None:
+            size = self.head.l2_bytes
+            self._tables_at = sorted((t, t + size) for t in set(self._l1) if t)
+        at = bisect.bisect_left(self._tables_at, (offset + n,)) - 1
+        hit = at >= 0 and self._tables_at[at][1] > offset
+        if offset < self.head.metadata_end or hit:
+            raise ImageError(
+                f"{self.path}: Preventing invalid write on metadata ({what} at host offset "
+                f"{offset:#x}, {n} bytes)"
+            )
+
     def _host_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._no_metadata_overlap(offset, len(data), "guest data")
         os.pwrite(self._f.fileno(), data, offset)
         self._data_unsynced = True
 
@@ -220,6 +248,7 @@ class QcowWriter:
                 f"{self.path}: compressed write to an allocated cluster (offset {offset:#x}): "
                 "Input/output error"
             )
+        self._guard_table(offset)
         host = self._allocate(len(packed), aligned=False)
         try:
             entry = compressed_entry(host, len(packed), self.head.cluster_bits)
@@ -237,6 +266,10 @@ class QcowWriter:
             os.fsync(fd)
             self._data_unsynced = False
         if self._l2_dirty:
+            size = self.head.l2_bytes
+            for offset in self._l2_dirty:
+                if offset < self.head.metadata_end:
+                    self._no_metadata_overlap(offset, size, "an L2 table")
             for offset, table in sorted(self._l2_dirty.items()):
                 os.pwrite(fd, words_to_bytes(table, True), offset)
             os.fsync(fd)
@@ -273,6 +306,7 @@ class QcowWriter:
         os.fsync(fd)
         self._l2_cache.clear()
         self._zcache.clear()
+        self._tables_at = None
         self._end = head.metadata_end
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
