@@ -150,7 +150,7 @@ class WriteMachine(RuleBasedStateMachine):
 
 
 WriteMachine.TestCase.settings = settings(
-    max_examples=12, stateful_step_count=12, deadline=None,
+    max_examples=30, stateful_step_count=15, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_write_machine = WriteMachine.TestCase
@@ -175,11 +175,10 @@ def test_random_writes_read_in_qemu(tmp_path: Path) -> None:
         layout = walk(path)
         assert layout.clusters > 20
         assert qemu_raw(path, folder / "out.raw", secret) == model, kind
-        model_file = folder / "model.raw"
-        model_file.write_bytes(model)
-        cmp = qemu_img("compare", "-f", "qcow", "-F", "raw", *([] if secret is None else [
-            "--object", f"secret,id=sec0,data={secret}"]), str(path), str(model_file))
         if secret is None:
+            model_file = folder / "model.raw"
+            model_file.write_bytes(model)
+            cmp = qemu_img("compare", "-f", "qcow", "-F", "raw", str(path), str(model_file))
             assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
