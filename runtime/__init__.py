@@ -37,6 +37,7 @@ def open(
     *,
     backing: bool = True,
     passphrase: bytes | str | None = None,
+    backing_format: str | None = None,
 ) -> Image:
     """Open a disk image.
 
@@ -44,10 +45,14 @@ def open(
     "fvd"; None reads it from the magic, and a file with no known magic is raw.
     ``backing=False`` opens the image alone, never touching the files it names.
     ``passphrase`` unlocks an encrypted image (LUKS, or the legacy AES method).
+    ``backing_format`` is the format of a qcow v1 image's backing file, which qcow v1 cannot
+    record; it is raw when not given (never probed).
     """
     from .opener import open_image
 
-    return open_image(path, mode, fmt, backing=backing, passphrase=passphrase)
+    return open_image(
+        path, mode, fmt, backing=backing, passphrase=passphrase, backing_format=backing_format
+    )
 
 
 def create(path: str | _os.PathLike[str], fmt: str, size: int | str, **options: object) -> None:

@@ -245,6 +245,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     size = size if size is not None else options.pop("size")
     if not args.q:
         sys.stdout.write(_formatting_line(args.filename, fmt, _size(str(size)), options))
+    if fmt == "qcow":
+        options["secrets"] = _secrets(args)
     create(args.filename, fmt, size, **options)
     return 0
 
@@ -253,6 +255,9 @@ def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]
     """qemu-img create's "Formatting ..." line: its options, defaults filled in, its order."""
     if fmt == "raw":
         order: list[tuple[str, Any]] = [("size", size), ("preallocation", None)]
+    elif fmt == "qcow":
+        order = [("size", size), ("backing_file", None), ("backing_fmt", None),
+                 ("encryption", None), ("encrypt.format", None), ("encrypt.key-secret", None)]
     else:
         order = [
             ("cluster_size", 65536), ("extended_l2", "off"), ("preallocation", None),
@@ -377,12 +382,16 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
 
     new_name: str | None = args.b or None
     new_fmt = args.F or ("raw" if new_name else None)
+    from .qcow.image import QcowImage
+
     with _open(args, args.filename, "r+", backing=not args.u) as img:
         set_backing: Callable[[str | None, str | None], None] | None = getattr(
             img, "set_backing", None)
         if set_backing is None:
             raise CliError(f"Could not change the backing file to '{new_name or ''}': "
                            "Operation not supported")
+        if isinstance(img, QcowImage):
+            img.set_backing(new_name, new_fmt)  # refused before anything is copied
         if not args.u:
             new = None
             if new_name:
@@ -427,7 +436,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
         make_empty: Callable[[], None] | None = getattr(img, "make_empty", None)
         if old is None or make_empty is None:
             raise CliError("Image does not have a backing file")
-        base_fmt = getattr(img, "backing_format", None) or old.fmt
+        base_fmt = old.fmt  # the format the backing file was opened with
         old.close()
         base = open_image(old.path, "r+", base_fmt)
         setattr(img, "backing", base)  # noqa: B010 - every format with a backing file has it
@@ -504,6 +513,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         options: dict[str, Any] = _options(args.o)
         if args.B:
             options |= {"backing_file": args.B, "backing_fmt": args.F or "raw"}
+        if fmt == "qcow":
+            options["secrets"] = _secrets(args)  # encrypt.key-secret=ID names one of them
         if not args.n:
             create(target, fmt, total, **options)
         sparse = _size(args.S) if args.S else 4096
@@ -525,6 +536,8 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
     write_compressed = getattr(out, "write_compressed", None)
     if compress and write_compressed is None:
         raise CliError("Compression not supported for this file format")
+    # over a backing file (-B) a skipped range would read the backing data: write zeros there
+    backed = getattr(out, "backing", None) is not None
     for src in sources:
         for off in range(0, src.size, step):
             n = min(step, src.size - off)
@@ -533,11 +546,15 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
                 if data.count(0) != len(data):
                     assert write_compressed is not None
                     write_compressed(data, base + off)
+                elif backed:
+                    out.write_zeroes(base + off, n)
             elif sparse:
                 for at in range(0, n, sparse):
                     piece = data[at : at + sparse]
                     if piece.count(0) != len(piece):
                         out.pwrite(piece, base + off + at)
+                    elif backed:
+                        out.write_zeroes(base + off + at, len(piece))
             else:
                 out.pwrite(data, base + off)
             bar.add(n)

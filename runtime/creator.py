@@ -33,6 +33,10 @@ def create_image(path: str, fmt: str, size: int | str, options: dict[str, Any]) 
     p = Path(path)
     if fmt == "qcow2":
         create_qcow2(p, size, **options)
+    elif fmt == "qcow":
+        from .qcow.create import create_qcow
+
+        create_qcow(p, size, **options)
     elif fmt == "raw":
         _create_raw(p, size, options)
     else:

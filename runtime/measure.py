@@ -128,6 +128,8 @@ def measure(fmt: str, options: dict[str, Any], size: int | None, source: Image |
     virtual = size if size is not None else source.size  # type: ignore[union-attr]
     if fmt == "raw":
         return Measure(virtual, virtual)  # a raw file is as large as the disk
+    if fmt == "qcow":
+        raise UsageError("Block driver 'qcow' does not support size measurement")
     if fmt != "qcow2":
         raise UsageError(f"Block driver '{fmt}' does not support size measurement")
     try:

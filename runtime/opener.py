@@ -48,9 +48,14 @@ def open_image(
     *,
     backing: bool = True,
     passphrase: bytes | str | None = None,
+    backing_format: str | None = None,
     _seen: tuple[tuple[int, int], ...] = (),
 ) -> Image:
-    """Open an image; see :func:`diskspec.open`."""
+    """Open an image; see :func:`diskspec.open`.
+
+    ``backing_format`` is the format of the backing file of a qcow v1 image, which the image
+    cannot record: raw when not given, never probed.
+    """
     if mode not in ("r", "r+"):
         raise UsageError(f"mode must be 'r' or 'r+', not {mode!r}")
     p = Path(path)
@@ -71,11 +76,18 @@ def open_image(
             return RawImage(p, f, mode == "r+")
         if kind == "qcow2":
             img = _open_qcow2(p, f, mode, backing, seen)
-            if passphrase is not None:
-                key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+        elif kind == "qcow":
+            img = _open_qcow(p, f, mode, backing, backing_format, seen)
+        else:
+            raise ImageError(f"{p}: {kind} images are not supported yet")
+        if passphrase is not None:
+            key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+            try:
                 img.unlock(key)  # type: ignore[attr-defined]
-            return img
-        raise ImageError(f"{p}: {kind} images are not supported yet")
+            except BaseException:
+                img.close()
+                raise
+        return img
     except BaseException:
         f.close()
         raise
@@ -116,4 +128,27 @@ def _open_qcow2(
             base.close()
         if data is not None:
             data.close()
+        raise
+
+
+def _open_qcow(
+    p: Path,
+    f: BinaryIO,
+    mode: str,
+    backing: bool,
+    backing_format: str | None,
+    seen: tuple[tuple[int, int], ...],
+) -> Image:
+    from .qcow.image import QcowImage
+
+    head = QcowImage.load_header(f, p)
+    base: Image | None = None
+    fmt = backing_format or "raw"  # qcow v1 records no backing format: never probe
+    try:
+        if backing and head.backing_file is not None:
+            base = open_image(_resolve(head.backing_file, p), "r", fmt, _seen=seen)
+        return QcowImage(p, f, mode == "r+", head, base, fmt if head.backing_file else None)
+    except BaseException:
+        if base is not None:
+            base.close()
         raise

@@ -22,6 +22,7 @@ __all__ = [
     "format_info_human",
     "format_info_json",
     "format_snapshot_list",
+    "image_items",
     "layer_info",
     "qcow2_info",
     "qdict_order",
@@ -214,26 +215,46 @@ def _format_specific(img: Qcow2Image) -> dict[str, Any]:
     return qdict_order([("type", "qcow2"), ("data", qdict_order(items))])
 
 
-def _qcow2_layer(img: Qcow2Image, filename: str) -> dict[str, Any]:
-    head = img.head
+def image_items(
+    img: Image,
+    filename: str,
+    *,
+    size: int,
+    cluster_size: int,
+    dirty: bool,
+    encrypted: bool,
+    backing_file: bytes | None,
+    backing_format: str | None,
+) -> list[tuple[str, Any]]:
+    """The ImageInfo fields of qcow2 and qcow layers up to the backing file, in QAPI order."""
     items: list[tuple[str, Any]] = [
         ("filename", filename),
-        ("format", "qcow2"),
-        ("dirty-flag", head.dirty),
+        ("format", img.fmt),
+        ("dirty-flag", dirty),
         ("actual-size", _actual_size(img)),
-        ("virtual-size", head.size),
-        ("cluster-size", head.cluster_size),
+        ("virtual-size", size),
+        ("cluster-size", cluster_size),
     ]
-    if head.crypt_method != q.CryptMethod.NONE:
+    if encrypted:
         items.append(("encrypted", True))
-    if head.backing_file:
-        backing = _text(head.backing_file)
+    if backing_file:
+        backing = _text(backing_file)
         items += [
             ("backing-filename", backing),
             ("full-backing-filename", _path_combine(filename, backing)),
         ]
-        if head.backing_format:
-            items.append(("backing-filename-format", head.backing_format))
+        if backing_format:
+            items.append(("backing-filename-format", backing_format))
+    return items
+
+
+def _qcow2_layer(img: Qcow2Image, filename: str) -> dict[str, Any]:
+    head = img.head
+    items = image_items(
+        img, filename, size=head.size, cluster_size=head.cluster_size, dirty=head.dirty,
+        encrypted=head.crypt_method != q.CryptMethod.NONE, backing_file=head.backing_file,
+        backing_format=head.backing_format,
+    )
     snapshots = _snapshots(img)
     if snapshots:
         items.append(("snapshots", snapshots))
@@ -242,8 +263,14 @@ def _qcow2_layer(img: Qcow2Image, filename: str) -> dict[str, Any]:
 
 
 def _layer(img: Image, filename: str) -> dict[str, Any]:
+    from ..qcow.image import QcowImage
+
     if isinstance(img, Qcow2Image):
         return _qcow2_layer(img, filename)
+    if isinstance(img, QcowImage):
+        from ..qcow.info import qcow_layer
+
+        return qcow_layer(img, filename)
     if isinstance(img, RawImage):
         return qdict_order(
             [
@@ -290,7 +317,7 @@ def qcow2_info(
         # qemu opens each backing file by the full name the layer above reports
         info = _layer(layer, info.get("full-backing-filename", str(layer.path)))
         chain.append(info)
-        layer = layer.backing if isinstance(layer, Qcow2Image) else None
+        layer = getattr(layer, "backing", None)  # qcow2 and qcow layers have one
     return chain
 
 

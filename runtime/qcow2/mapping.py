@@ -394,8 +394,14 @@ def _metadata_preallocated(img: Qcow2Image) -> bool:
 
 
 def _layer(img: Image) -> _Layer:
+    from ..qcow.image import QcowImage
+
     if isinstance(img, Qcow2Image):
         return _Qcow2Layer(img)
+    if isinstance(img, QcowImage):
+        from ..qcow.mapping import QcowLayer
+
+        return QcowLayer(img)
     if isinstance(img, RawImage):
         return _RawLayer(img)
     return _OtherLayer(img)
