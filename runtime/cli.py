@@ -491,22 +491,32 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generator.pipeline import check, generate, repo_paths
+    from .generator.pipeline import (
+        check,
+        check_docs,
+        docs_path,
+        generate,
+        generate_docs,
+        repo_paths,
+    )
 
     specs, out = repo_paths()
     specs = Path(args.specs) if args.specs else specs
     out = Path(args.output) if args.output else out
+    docs = Path(args.docs) if args.docs else docs_path()
     if args.check:
         drifts = check(specs, out)
-        for drift in drifts:
+        doc_drifts = check_docs(specs, docs)
+        for drift in drifts + doc_drifts:
             sys.stdout.write(drift.diff or f"{drift.path}: differs\n")
-        if drifts:
-            names = ", ".join(d.path.name for d in drifts)
+        if drifts or doc_drifts:
+            names = ", ".join([d.path.name for d in drifts] + [
+                f"{docs.name}/{d.path.relative_to(docs).as_posix()}" for d in doc_drifts])
             sys.stderr.write(f"diskspec: error: generated code is out of date: {names}\n")
             return 1
-        sys.stdout.write(f"generated code in {out} matches {specs}\n")
+        sys.stdout.write(f"generated code in {out} and pages in {docs} match {specs}\n")
         return 0
-    for path in generate(specs, out):
+    for path in generate(specs, out) + generate_docs(specs, docs):
         sys.stdout.write(f"{path}\n")
     return 0
 
@@ -644,6 +654,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--check", action="store_true", help="fail and print a diff on drift")
     gen.add_argument("--specs", help="folder of .ksy files (default: the package's specs/)")
     gen.add_argument("--output", help="output folder (default: the package's generated/)")
+    gen.add_argument("--docs", help="reference pages folder (default: docs/formats/)")
     gen.set_defaults(func=_cmd_generate)
     return parser
 
