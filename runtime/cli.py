@@ -487,6 +487,16 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
 
 
 # ------------------------------------------------------------------------------------------------
+# explain (runtime/explain/)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain.command import run
+
+    return run(args)
+
+
+# ------------------------------------------------------------------------------------------------
 # generate
 
 
@@ -649,6 +659,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", help="sparse size (default 4k)")
     p.add_argument("filenames", nargs="+")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("explain", help="lay out an image's structures, field by field")
+    from .explain.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_explain)
 
     gen = sub.add_parser("generate", help="regenerate diskspec.generated from specs/*.ksy")
     gen.add_argument("--check", action="store_true", help="fail and print a diff on drift")
