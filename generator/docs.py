@@ -46,7 +46,7 @@ ROLE_COLORS: dict[str, str] = {
     "l2": "#c39bd3",
     "refcount_table": "#d35400",
     "refcount_block": "#f0b27a",
-    "snapshot": "#16a085",
+    "snapshot": "#7d6608",
     "bitmap": "#f4d03f",
     "table": "#5dade2",
     "journal": "#a04000",

@@ -136,6 +136,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_map(args: argparse.Namespace) -> int:
     from .qcow2.mapping import MapFormatError, format_map_human, format_map_json
 
+    if args.picture:
+        from .explain.command import write_picture
+
+        return write_picture(args.filename, args.picture)
     with _open(args, args.filename) as img:
         extents = img.map()
         if args.output == "json":
@@ -557,6 +561,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("map", help="show where the guest data lives")
     _common(p)
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--picture", metavar="OUT", help="draw the host clusters (.svg or .png)")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_map)
 

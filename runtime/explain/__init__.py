@@ -81,7 +81,7 @@ def _run(path: str | Path, fmt: str | None,
             raise ExplainError(f"{path}: the magic says {found}, not {fmt}")
         try:
             result = go(found, f, read)
-        except (IndexError, KeyError, ValueError, AttributeError) as exc:
+        except (IndexError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise ExplainError(f"{path}: cannot lay out this {found} image ({exc})") from exc
         return found, os.fstat(fd).st_size, result
 

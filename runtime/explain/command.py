@@ -10,7 +10,7 @@ from pathlib import Path
 from . import ExplainError, explain, format_text, translate
 from .html import render_html
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "write_picture"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,4 +50,22 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"wrote {args.html}\n")
         return 0
     sys.stdout.write(format_text(report))
+    return 0
+
+
+def write_picture(filename: str, out: str) -> int:
+    """``diskspec map --picture OUT.svg|OUT.png FILE``."""
+    from .clustermap import cluster_map, render_png, render_svg
+
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise ExplainError(f"--picture {out}: the name must end in .svg or .png")
+    m = cluster_map(filename)
+    title = f"{Path(filename).name}: {m.fmt}, {len(m.roles)} host clusters"
+    if suffix == ".svg":
+        Path(out).write_text(render_svg(m, title), encoding="utf-8")
+    else:
+        Path(out).write_bytes(render_png(m, title))
+    counts = ", ".join(f"{role} {n}" for role, n in m.counts().items())
+    sys.stdout.write(f"wrote {out}: {counts}\n")
     return 0

@@ -8,12 +8,12 @@ from ..generated import fvd
 from .qcow2 import ranges
 from .tree import Item, Read, Walker, human_size, show
 
-__all__ = ["STRUCTURES", "explain_fvd", "translate_fvd"]
+__all__ = ["CHUNK_INDEX", "EMPTY_ENTRY", "STRUCTURES", "explain_fvd", "translate_fvd"]
 
 STRUCTURES = ("header", "bitmap", "table", "journal")
 
-_INDEX = fvd.TableEntry.CHUNK_INDEX_MASK
-_EMPTY = fvd.TableEntry.CHUNK_INDEX_MASK | fvd.TableEntry.DIRTY_MASK
+CHUNK_INDEX = fvd.TableEntry.CHUNK_INDEX_MASK
+EMPTY_ENTRY = fvd.TableEntry.CHUNK_INDEX_MASK | fvd.TableEntry.DIRTY_MASK  # an unallocated chunk
 SHOWN_SECTORS = 8
 
 
@@ -71,7 +71,7 @@ class _Fvd:
                                   f"{ranges(in_fvd)}")))
         table = self.image.read_table(self.f)
         if table is not None:
-            used = [i for i, e in enumerate(table) if e != _EMPTY]
+            used = [i for i, e in enumerate(table) if e != EMPTY_ENTRY]
             item = Item("table", h.ofs_table, len(table) * fvd.TableEntry.SIZE, table,
                         "fvd.TableEntry list", "The lookup table of a compact image.",
                         spec_path="/instances/table", attr="diskspec.generated.fvd.Fvd.read_table",
@@ -80,7 +80,7 @@ class _Fvd:
             for i in used[:4]:
                 child = self.walker.word("table_entry", table[i],
                                          h.ofs_table + fvd.TableEntry.SIZE * i, f"table[{i}]")
-                child.note = f"virtual chunk {i} -> physical chunk {table[i] & _INDEX}"
+                child.note = f"virtual chunk {i} -> physical chunk {table[i] & CHUNK_INDEX}"
                 item.children.append(child)
             out.append(item)
         journal = self.image.read_journal(self.f)
@@ -128,11 +128,11 @@ class _Fvd:
             entry = table[chunk]
             child = self.walker.word("table_entry", entry, at, f"table[{chunk}]")
             item.children.append(child)
-            if entry == _EMPTY:
+            if entry == EMPTY_ENTRY:
                 child.note = "EMPTY: the chunk is not allocated"
                 return item
-            host = data + (entry & _INDEX) * h.chunk_size + guest % h.chunk_size
-            child.note = f"physical chunk {entry & _INDEX}; guest byte -> host {host:#x}"
+            host = data + (entry & CHUNK_INDEX) * h.chunk_size + guest % h.chunk_size
+            child.note = f"physical chunk {entry & CHUNK_INDEX}; guest byte -> host {host:#x}"
             item.children.append(Item("host", host, 0, host, note=f"host offset {host:#x}"))
         else:
             host = data + guest

@@ -6,6 +6,16 @@ from array import array
 from typing import Any, BinaryIO
 
 from ..generated import qcow2 as q
+from ..qcow2.masks import (
+    BME_OFFSET,
+    L1_COPIED,
+    L1_OFFSET,
+    L2_COMPRESSED,
+    L2_COPIED,
+    L2_OFFSET,
+    L2_ZERO,
+    REFT_OFFSET,
+)
 from .tree import Item, Read, Walker, human_size, show
 
 __all__ = ["STRUCTURES", "explain_qcow2", "translate_qcow2"]
@@ -17,14 +27,6 @@ STRUCTURES = (
 SHOWN_TABLES = 16  # L2 tables and refcount blocks detailed one by one
 SHOWN_ENTRIES = 4  # entries of one table shown decoded
 
-_L1_OFFSET = q.L1Entry.OFS_L2_TABLE_DIV512_MASK
-_L1_COPIED = q.L1Entry.COPIED_MASK
-_L2_OFFSET = q.L2Entry.OFS_CLUSTER_DIV512_MASK
-_L2_COPIED = q.L2Entry.COPIED_MASK
-_L2_COMPRESSED = q.L2Entry.COMPRESSED_MASK
-_L2_ZERO = q.L2Entry.ZERO_MASK
-_REFT_OFFSET = q.RefcountTableEntry.OFS_REFCOUNT_BLOCK_DIV512_MASK
-_BME_OFFSET = q.BitmapTableEntry.OFS_DATA_DIV512_MASK
 
 
 def ranges(indices: list[int]) -> str:
@@ -159,15 +161,15 @@ class _Qcow2:
     def l1(self) -> Item:
         entries = self.image.read_l1_table(self.f)
         item = self.table_item("l1", "l1_table", entries, self.h.ofs_l1_table, "l1_entry",
-                               _L1_OFFSET)
+                               L1_OFFSET)
         item.doc = "The active L1 table, one entry per L2 table."
-        copied = sum(1 for e in entries if e & _L1_COPIED)
+        copied = sum(1 for e in entries if e & L1_COPIED)
         item.note += f"; {copied} with COPIED (refcount 1)"
         span = self.h.num_l2_entries * self.cs
         for child in item.children:
             index = int(child.name[3:-1])
             child.note = (
-                f"-> L2 table at {child.value & _L1_OFFSET:#x} maps guest "
+                f"-> L2 table at {child.value & L1_OFFSET:#x} maps guest "
                 f"{index * span:#x}..{(index + 1) * span - 1:#x}"
             )
         return item
@@ -176,7 +178,7 @@ class _Qcow2:
         out: list[Item] = []
         extended = self.h.has_extended_l2
         for i, e in enumerate(self.image.read_l1_table(self.f)):
-            offset = e & _L1_OFFSET
+            offset = e & L1_OFFSET
             if not offset:
                 continue
             if len(out) == SHOWN_TABLES:
@@ -188,9 +190,9 @@ class _Qcow2:
             step = 2 if extended else 1
             width = self.walker.word_size("l2_entry_extended" if extended else "l2_entry")
             entries = words[::step]
-            normal = sum(1 for w in entries if w & _L2_OFFSET and not w & _L2_COMPRESSED)
-            compressed = sum(1 for w in entries if w & _L2_COMPRESSED)
-            zero = sum(1 for w in entries if w & _L2_ZERO and not w & _L2_COMPRESSED)
+            normal = sum(1 for w in entries if w & L2_OFFSET and not w & L2_COMPRESSED)
+            compressed = sum(1 for w in entries if w & L2_COMPRESSED)
+            zero = sum(1 for w in entries if w & L2_ZERO and not w & L2_COMPRESSED)
             item = Item(f"l2[{i}]", offset, self.cs, None, "qcow2.L2Table",
                         "One L2 table, one cluster long.", raw=self.read(offset, 16),
                         spec_path="/types/l2_table", attr="diskspec.generated.qcow2.L2Table")
@@ -198,7 +200,7 @@ class _Qcow2:
                 f"for L1 index {i}: {normal} data clusters, {compressed} compressed, "
                 f"{zero} zero, {len(entries) - normal - compressed} unallocated"
             )
-            used = [k for k, w in enumerate(entries) if w & (_L2_OFFSET | _L2_COMPRESSED)]
+            used = [k for k, w in enumerate(entries) if w & (L2_OFFSET | L2_COMPRESSED)]
             kind = "l2_entry_extended" if extended else "l2_entry"
             for k in used[:SHOWN_ENTRIES]:
                 child = self.walker.word("l2_entry", entries[k], offset + width * k,
@@ -209,27 +211,27 @@ class _Qcow2:
         return out
 
     def l2_note(self, entry: int, kind: str) -> str:
-        if entry & _L2_COMPRESSED:
+        if entry & L2_COMPRESSED:
             d = q.CompressedDescriptor.parse(entry.to_bytes(q.CompressedDescriptor.SIZE, "big"),
                                              cluster_bits=self.h.cluster_bits)
             return (f"compressed: {d.len_compressed_max} bytes at most from "
                     f"{d.ofs_compressed:#x}")
-        flags = [n for n, m in (("copied", _L2_COPIED), ("zero", _L2_ZERO)) if entry & m]
+        flags = [n for n, m in (("copied", L2_COPIED), ("zero", L2_ZERO)) if entry & m]
         extra = f" ({', '.join(flags)})" if flags else ""
-        return f"data at host {entry & _L2_OFFSET:#x}{extra}" + (
+        return f"data at host {entry & L2_OFFSET:#x}{extra}" + (
             "; subclusters in the second word" if kind == "l2_entry_extended" else ""
         )
 
     def refcount_table(self) -> Item:
         entries = self.image.read_refcount_table(self.f)
         item = self.table_item("refcount_table", "refcount_table", entries,
-                               self.h.ofs_refcount_table, "refcount_table_entry", _REFT_OFFSET)
+                               self.h.ofs_refcount_table, "refcount_table_entry", REFT_OFFSET)
         item.doc = "The refcount table, one entry per refcount block."
         per = self.h.num_refcount_block_entries
         for child in item.children:
             index = int(child.name[15:-1])
             child.note = (
-                f"-> refcount block at {child.value & _REFT_OFFSET:#x} for clusters "
+                f"-> refcount block at {child.value & REFT_OFFSET:#x} for clusters "
                 f"{index * per}..{(index + 1) * per - 1}"
             )
         return item
@@ -246,7 +248,7 @@ class _Qcow2:
     def refcount_blocks(self) -> list[Item]:
         out: list[Item] = []
         for i, e in enumerate(self.image.read_refcount_table(self.f)):
-            offset = e & _REFT_OFFSET
+            offset = e & REFT_OFFSET
             if not offset:
                 continue
             if len(out) == SHOWN_TABLES:
@@ -269,9 +271,9 @@ class _Qcow2:
         per = self.h.num_refcount_block_entries
         table = self.image.read_refcount_table(self.f)
         index = cluster // per
-        if index >= len(table) or not table[index] & _REFT_OFFSET:
+        if index >= len(table) or not table[index] & REFT_OFFSET:
             return 0
-        return int(self.block(table[index] & _REFT_OFFSET)[cluster % per])
+        return int(self.block(table[index] & REFT_OFFSET)[cluster % per])
 
     def snapshots(self) -> list[Item]:
         if not self.h.num_snapshots:
@@ -287,7 +289,7 @@ class _Qcow2:
             sub.note = (
                 f"id {s.id_str.decode(errors='replace')!r}, name "
                 f"{s.name.decode(errors='replace')!r}: L1 of {len(l1)} entries, "
-                f"{sum(1 for e in l1 if e & _L1_OFFSET)} used"
+                f"{sum(1 for e in l1 if e & L1_OFFSET)} used"
             )
             item.children.append(sub)
             at += sub.size
@@ -312,7 +314,7 @@ class _Qcow2:
         for i, e in enumerate(directory.entries):
             sub = self.walker.structure("bitmap_directory_entry", e, at, f"bitmap[{i}]")
             table = e.read_bitmap_table(self.f)
-            used = sum(1 for t in table if t & _BME_OFFSET)
+            used = sum(1 for t in table if t & BME_OFFSET)
             sub.note = (
                 f"{e.name.decode(errors='replace')!r}: table of {len(table)} entries at "
                 f"{e.ofs_bitmap_table:#x}, {used} data clusters"
@@ -353,7 +355,7 @@ class _Qcow2:
         at = h.ofs_l1_table + q.L1Entry.SIZE * l1_index
         l1e = self.walker.word("l1_entry", l1[l1_index], at, f"l1[{l1_index}]")
         item.children.append(l1e)
-        l2_offset = l1[l1_index] & _L1_OFFSET
+        l2_offset = l1[l1_index] & L1_OFFSET
         if not l2_offset:
             l1e.note = "unallocated: the whole range reads from the backing file, or zeros"
             return item
@@ -376,20 +378,20 @@ class _Qcow2:
             bitmap.note = (f"subcluster {index}: {'allocated' if alloc else 'not allocated'}"
                            f"{', reads as zero' if zero else ''}")
             item.children.append(bitmap)
-        if entry & _L2_COMPRESSED:
+        if entry & L2_COMPRESSED:
             l2e.note = self.l2_note(entry, kind)
             d = q.CompressedDescriptor.parse(entry.to_bytes(q.CompressedDescriptor.SIZE, "big"),
                                              cluster_bits=h.cluster_bits)
             host_cluster = d.ofs_compressed // cs
-        elif entry & _L2_OFFSET:
-            host = (entry & _L2_OFFSET) + inside
+        elif entry & L2_OFFSET:
+            host = (entry & L2_OFFSET) + inside
             l2e.note = self.l2_note(entry, kind) + f"; guest byte -> host {host:#x}"
-            host_cluster = (entry & _L2_OFFSET) // cs
+            host_cluster = (entry & L2_OFFSET) // cs
         else:
-            l2e.note = ("reads as zeros" if entry & _L2_ZERO
+            l2e.note = ("reads as zeros" if entry & L2_ZERO
                         else "unallocated: reads from the backing file, or zeros")
             return item
-        if not entry & _L2_COMPRESSED:
+        if not entry & L2_COMPRESSED:
             item.children.append(Item("host", host, 0, host, note=f"host offset {host:#x}"))
         count = self.refcount(host_cluster)
         item.children.append(Item("refcount", 0, 0, count, f"u{h.refcount_bits}",
