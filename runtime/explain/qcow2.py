@@ -148,7 +148,8 @@ class _Qcow2:
                    entry_type: str, used_mask: int) -> Item:
         used = [i for i, e in enumerate(entries) if e & used_mask]
         size = self.walker.word_size(entry_type)
-        item = Item(name, offset, len(entries) * size, entries, f"qcow2.{what}",
+        item = Item(name, offset, len(entries) * size, entries,
+                    f"qcow2.{self.walker.class_of(entry_type)} array",
                     raw=self.read(offset, 16), spec_path="/instances/" + what,
                     attr=f"diskspec.generated.qcow2.Qcow2.read_{what}")
         item.note = f"{len(entries)} entries, {len(used)} used: {ranges(used)}"

@@ -162,12 +162,14 @@ class Walker:
         ref = f.type
         if f.repeat:
             item.size = self.repeat(f, value, at, item, scope)
+            if ref.kind == "user":
+                kind = "array" if isinstance(value, array) else "list"
+                item.type = f"{self.spec.id}.{F.class_name(ref.user)} {kind}"
         elif ref.kind in ("user", "switch") and not isinstance(value, (bytes, bytearray)):
-            target = ref.user or type(value).__name__
             ident = ref.user or self.type_id(value)
             sub = self.structure(ident, value, at, f.id, scope)
             item.children = sub.children
-            item.type = target
+            item.type = sub.type
             item.size = sub.size
         elif ref.kind == "int":
             item.size = ref.width
@@ -211,6 +213,9 @@ class Walker:
                 item.children.append(sub)
             size += sub.size
         return size
+
+    def class_of(self, ident: str) -> str:
+        return F.class_name(ident)
 
     def word_size(self, ident: str) -> int:
         t = self.spec.types[ident]
