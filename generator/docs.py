@@ -378,7 +378,7 @@ class _Lower:
     def diagram(self, t: TypeDef, layout: list[tuple[str, int | None, int]]) -> Diagram:
         """An RFC-style field diagram: rows of 32 bits, or of 4 / 8 bytes."""
         name = f"svg/{self.spec.id}-{_anchor(t.id)}.svg"
-        conds = {f.id for f in t.seq if f.cond is not None}
+        conds = {f.id: _text(_raw(self.spec, f.path)["if"]) for f in t.seq if f.cond is not None}
         if t.packed_width:
             per_row = 32
             order = layout if t.bit_endian != "le" else list(reversed(layout))
@@ -412,7 +412,7 @@ class _Lower:
         def put(ident: str, units: int, style: str, title: str) -> None:
             nonlocal row, col
             w = units * unit_w
-            label = ident if len(ident) * CHAR_W <= w - 6 else _shorten(ident, w)
+            label = _shorten(ident, w)
             boxes.append(Box(LEFT + col * unit_w, y_of(row), w, ROW_H, label, title, style))
             col += units
             if col == per_row:
@@ -424,10 +424,8 @@ class _Lower:
                 # a size only known from the data: the rest of the row, then a full dashed row
                 label_row(row)
                 title = f"{ident} ({unit_name}s: variable)"
-                if col:
-                    put(ident, per_row - col, "var", title)
-                else:
-                    put(ident, per_row, "var", title)
+                text = f"{ident} (if {conds[ident]})" if ident in conds else ident
+                put(text, per_row - col, "var", title)
                 at = None
                 continue
             title = f"{ident} ({units} {unit_name}{'s' if units > 1 else ''})"
@@ -447,7 +445,7 @@ class _Lower:
                     if at is not None:
                         at += whole * per_row
                     continue
-                put(ident, take, style, title)
+                put(ident if left == units else f"… {ident}", take, style, title)
                 left -= take
                 if at is not None:
                     at += take
