@@ -175,3 +175,18 @@ def test_fvd_regions(layout: Any, tmp_path: Path) -> None:
         want["data"] = chunk * len(allocated & {0, 1, 2, 3})
         want["free"] = 4 * chunk - want["data"]
     assert counts == {k: v for k, v in want.items() if v}
+
+
+def test_qcow1_pictures_match_qemu_img_map(corpus: list[CorpusImage], tmp_path: Path) -> None:
+    images = [c for c in corpus if c.fmt == "qcow"]
+    assert len(images) >= 4
+    for image in images:
+        svg = _picture(image.path, tmp_path / f"{image.name}.svg")
+        counts = _counts(svg)
+        assert svg.attrib["data-format"] == "qcow" and counts["header"] == 1
+        assert counts.get("l2", 0) >= 1, image.name  # (the L1 table shares cluster 0)
+        cs = int(svg.attrib["data-unit"])
+        if image.secret is None:
+            assert int(svg.attrib["data-guest-data"]) == _data_clusters(_qemu(image, "map"), cs)
+            assert counts.get("data", 0) == int(svg.attrib["data-guest-data"]), image.name
+        assert ("compressed" in counts) == ("compressed" in image.tags), image.name

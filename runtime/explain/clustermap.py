@@ -5,7 +5,8 @@ tables of the image and its snapshots, the refcount structures, snapshot table, 
 header, data); a cluster nobody references is *leaked* when its refcount is nonzero and *free*
 otherwise. FVD roles come from the header's regions and the lookup table. The picture also
 shows the guest clusters in guest order, coloured by where they lie in the file, and the
-fragmentation count. All counts are in the SVG as ``data-*`` attributes.
+fragmentation count. qcow v1 has no refcounts: its unreferenced clusters are free. All
+counts are in the SVG as ``data-*`` attributes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..generated import fvd as g_fvd
+from ..generated import qcow as q1
 from ..generated import qcow2 as q
 from ..generator.docs import ROLE_COLORS
 from ..qcow2.masks import (
@@ -205,13 +207,53 @@ def _fvd(f: BinaryIO, size: int) -> ClusterMap:
     return ClusterMap("fvd", unit, final, guest, {"allocated": len(guest)})
 
 
+def _qcow(f: BinaryIO, size: int) -> ClusterMap:
+    """qcow v1: no refcounts, so a cluster no table reaches is free (qemu never reuses it)."""
+    f.seek(0)
+    image = q1.Qcow.read(f)
+    h = image.header
+    cs = h.cluster_size
+    roles = _Roles(-(-size // cs))
+    roles.mark(_span(0, q1.Header.SIZE, cs), "header")
+    if h.ofs_backing_file_name:
+        roles.mark(_span(h.ofs_backing_file_name, h.len_backing_file_name, cs), "header")
+    l1 = image.read_l1_table(f)
+    roles.mark(_span(h.ofs_l1_table, len(l1) * q1.L1Entry.SIZE, cs), "l1")
+    guest: list[int] = []
+    data: list[int] = []
+    compressed: list[int] = []
+    stats = {"allocated": 0, "compressed": 0, "guest_data": 0}
+    for e in l1:
+        if not e.ofs_l2_table:
+            continue
+        roles.mark(_span(e.ofs_l2_table, h.len_l2_table, cs), "l2")
+        raw = os.pread(f.fileno(), h.len_l2_table, e.ofs_l2_table).ljust(h.len_l2_table, b"\0")
+        for w in q1.L2Table.parse(raw, l2_bits=h.l2_bits).entries:
+            if w & q1.L2Entry.COMPRESSED_MASK:
+                d = q1.CompressedDescriptor.parse(
+                    w.to_bytes(q1.CompressedDescriptor.SIZE, "big"), cluster_bits=h.cluster_bits
+                )
+                compressed.extend(_span(d.ofs_compressed, d.len_compressed, cs))
+                stats["compressed"] += 1
+                guest.append(d.ofs_compressed // cs)
+            elif w & q1.L2Entry.OFS_CLUSTER_MASK:
+                host = w & q1.L2Entry.OFS_CLUSTER_MASK
+                data.append(host // cs)
+                stats["guest_data"] += 1
+                guest.append(host // cs)
+            else:
+                continue
+            stats["allocated"] += 1
+    roles.mark(data, "data")
+    roles.mark(compressed, "compressed")
+    return ClusterMap("qcow", cs, [r or "free" for r in roles.roles], guest, stats)
+
+
 def cluster_map(path: str | Path) -> ClusterMap:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         fmt = detect(os.pread(f.fileno(), 16, 0))
-        walk = {"qcow2": _qcow2, "fvd": _fvd}.get(fmt)
-        if walk is None:
-            raise ExplainError(f"{path}: map --picture draws qcow2 and FVD images, not {fmt}")
+        walk = {"qcow2": _qcow2, "qcow": _qcow, "fvd": _fvd}[fmt]
         try:
             return walk(f, size)
         except (IndexError, KeyError, ValueError, TypeError, AttributeError) as exc:
