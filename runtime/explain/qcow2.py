@@ -67,10 +67,20 @@ class _Qcow2:
         n_l2 = h.num_l2_entries
         covers = n_l2 * cs
 
+        # names: the image's feature name table first, then the spec's labels
+        labels: dict[q.FeatureType, dict[Any, str]] = {
+            q.FeatureType.INCOMPATIBLE: dict(q.INCOMPATIBLE_FEATURE_LABELS),
+            q.FeatureType.COMPATIBLE: dict(q.COMPATIBLE_FEATURE_LABELS),
+            q.FeatureType.AUTOCLEAR: dict(q.AUTOCLEAR_FEATURE_LABELS),
+        }
+
         def features(kind: q.FeatureType) -> Any:
+            by_bit = {int(flag).bit_length() - 1: label for flag, label in labels[kind].items()}
+
             def note(_obj: Any, value: Any) -> str:
                 bits = [b for b in range(64) if int(value) >> b & 1]
-                named = [self.feature_names.get((int(kind), b), f"bit {b}") for b in bits]
+                named = [self.feature_names.get((int(kind), b)) or by_bit.get(b, f"unknown bit {b}")
+                         for b in bits]
                 return "set: " + ", ".join(named) if named else "none set"
             return note
 
