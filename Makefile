@@ -9,7 +9,7 @@ INSTALLED := $(VENV)/.installed
 KSC := .ksc/node_modules/kaitai-struct-compiler/package.json
 TYPECHECK := .cache/typecheck
 
-.PHONY: setup demo test lint typecheck generate qemu bench clean
+.PHONY: setup demo test lint typecheck generate qemu browser bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,19 @@ qemu:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils; }
 	@qemu-img --version | head -n 1
 
+# The headless browser of the `diskspec explain --html` test (tests/test_explain.py).
+browser:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 $(KSC): tests/ksc/package.json tests/ksc/package-lock.json
 	mkdir -p .ksc
 	cp tests/ksc/package.json tests/ksc/package-lock.json .ksc/
 	cd .ksc && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(INSTALLED) qemu $(KSC)
+setup: $(INSTALLED) qemu browser $(KSC)
 
 generate: $(INSTALLED)
 	$(VENV)/bin/diskspec generate

@@ -183,6 +183,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_map(args: argparse.Namespace) -> int:
     from .qcow2.mapping import MapFormatError, format_map_human, format_map_json
 
+    if args.picture:
+        from .explain.command import write_picture
+
+        return write_picture(args.filename, args.picture)
     with _open(args, args.filename) as img:
         extents = img.map()
         if args.output == "json":
@@ -563,26 +567,46 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
 
 
 # ------------------------------------------------------------------------------------------------
+# explain (runtime/explain/)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain.command import run
+
+    return run(args)
+
+
+# ------------------------------------------------------------------------------------------------
 # generate
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generator.pipeline import check, generate, repo_paths
+    from .generator.pipeline import (
+        check,
+        check_docs,
+        docs_path,
+        generate,
+        generate_docs,
+        repo_paths,
+    )
 
     specs, out = repo_paths()
     specs = Path(args.specs) if args.specs else specs
     out = Path(args.output) if args.output else out
+    docs = Path(args.docs) if args.docs else docs_path()
     if args.check:
         drifts = check(specs, out)
-        for drift in drifts:
+        doc_drifts = check_docs(specs, docs)
+        for drift in drifts + doc_drifts:
             sys.stdout.write(drift.diff or f"{drift.path}: differs\n")
-        if drifts:
-            names = ", ".join(d.path.name for d in drifts)
+        if drifts or doc_drifts:
+            names = ", ".join([d.path.name for d in drifts] + [
+                f"{docs.name}/{d.path.relative_to(docs).as_posix()}" for d in doc_drifts])
             sys.stderr.write(f"diskspec: error: generated code is out of date: {names}\n")
             return 1
-        sys.stdout.write(f"generated code in {out} matches {specs}\n")
+        sys.stdout.write(f"generated code in {out} and pages in {docs} match {specs}\n")
         return 0
-    for path in generate(specs, out):
+    for path in generate(specs, out) + generate_docs(specs, docs):
         sys.stdout.write(f"{path}\n")
     return 0
 
@@ -615,6 +639,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("map", help="show where the guest data lives")
     _common(p)
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--picture", metavar="OUT", help="draw the host clusters (.svg or .png)")
     p.add_argument("filename")
     p.set_defaults(func=_cmd_map)
 
@@ -718,10 +743,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("filenames", nargs="+")
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("explain", help="lay out an image's structures, field by field")
+    from .explain.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_explain)
+
     gen = sub.add_parser("generate", help="regenerate diskspec.generated from specs/*.ksy")
     gen.add_argument("--check", action="store_true", help="fail and print a diff on drift")
     gen.add_argument("--specs", help="folder of .ksy files (default: the package's specs/)")
     gen.add_argument("--output", help="output folder (default: the package's generated/)")
+    gen.add_argument("--docs", help="reference pages folder (default: docs/formats/)")
     gen.set_defaults(func=_cmd_generate)
     return parser
 
