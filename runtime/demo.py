@@ -123,6 +123,17 @@ def _tour(d: Path) -> None:
         ["convert", "-c", "-O", "qcow2", str(d / "v3.qcow2"), str(d / "small.qcow2")],
         ["compare", str(d / "v3.qcow2"), str(d / "small.qcow2")],
         ["info", "--output=json", str(d / "small.qcow2")],
+        # the other two formats: qcow v1 (qemu-img reads it too) and FVD (only diskspec does)
+        ["convert", "-O", "qcow", str(d / "v3.qcow2"), str(d / "old-style.qcow")],
+        ["convert", "-O", "fvd", "-o", "compact_image=on", str(d / "old-style.qcow"),
+         str(d / "fast.fvd")],
+        ["info", str(d / "fast.fvd")],
+        ["check", str(d / "fast.fvd")],
+        ["compare", str(d / "fast.fvd"), str(d / "v3.qcow2")],
+        # the layouts themselves
+        ["explain", "--structure", "header", str(d / "small.qcow2")],
+        ["explain", "--at", "1M", str(d / "v3.qcow2")],
+        ["map", "--picture", str(d / "v3.svg"), str(d / "v3.qcow2")],
     ]
     for args in steps:
         print(f"$ diskspec {' '.join(a.replace(str(d) + '/', '') for a in args)}")
