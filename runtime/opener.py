@@ -75,6 +75,10 @@ def open_image(
                 key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
                 img.unlock(key)  # type: ignore[attr-defined]
             return img
+        if kind == "fvd":
+            from .fvd.image import open_fvd
+
+            return open_fvd(p, f, mode, backing, seen)
         raise ImageError(f"{p}: {kind} images are not supported yet")
     except BaseException:
         f.close()
