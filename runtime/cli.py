@@ -114,12 +114,12 @@ def _size(text: str) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .qcow2.image import Qcow2Image
     from .qcow2.info import format_info_human, format_info_json
 
     with _open(args, args.filename) as img:
-        if isinstance(img, Qcow2Image):
-            info: Any = img.info_chain() if args.backing_chain else img.info()
+        info_chain: Callable[[], Any] | None = getattr(img, "info_chain", None)
+        if info_chain is not None:
+            info: Any = info_chain() if args.backing_chain else img.info()
         else:
             from .qcow2.info import layer_info
 
@@ -150,16 +150,17 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .qcow2.image import Qcow2Image
+    from .qcow2.check import CheckResult
 
     mode = "r+" if args.r else "r"
     with _open(args, args.filename, mode) as img:
-        if not isinstance(img, Qcow2Image):
+        check: Callable[..., CheckResult] | None = getattr(img, "check", None)
+        if check is None:
             sys.stderr.write(
                 "diskspec: error: This image format does not support checks\n"
             )
             return 63
-        result = img.check(repair=args.r)
+        result = check(repair=args.r)
     for line in result.messages:
         sys.stderr.write(line + "\n")
     if result.failed is not None:
@@ -205,6 +206,8 @@ def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]
     """qemu-img create's "Formatting ..." line: its options, defaults filled in, its order."""
     if fmt == "raw":
         order: list[tuple[str, Any]] = [("size", size), ("preallocation", None)]
+    elif fmt == "fvd":
+        order = [("size", size), *((key, None) for key in options)]
     else:
         order = [
             ("cluster_size", 65536), ("extended_l2", "off"), ("preallocation", None),
@@ -318,12 +321,15 @@ def _guest_runs(img: Image) -> list[tuple[int, int, int, int]]:
 
 def _cmd_rebase(args: argparse.Namespace) -> int:
     from .opener import open_image
-    from .qcow2.image import _BACKING, Qcow2Image
+    from .qcow2.image import _BACKING
 
     new_name: str | None = args.b or None
     new_fmt = args.F or ("raw" if new_name else None)
     with _open(args, args.filename, "r+", backing=not args.u) as img:
-        if not isinstance(img, Qcow2Image):
+        set_backing: Callable[[str | None, str | None], None] | None = getattr(
+            img, "set_backing", None
+        )
+        if set_backing is None:
             raise CliError("Operation not supported")
         if not args.u:
             new = None
@@ -332,7 +338,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
                 new = open_image(new_name if os.path.isabs(new_name) else base, "r", new_fmt)
             bar = _Progress(args.p, img.size, "rebase")
             try:
-                old = img.backing
+                old: Image | None = getattr(img, "backing", None)
                 step = 1 << 20
                 for kind, guest, _, length in _guest_runs(img):
                     if kind != _BACKING:
@@ -349,7 +355,7 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
                 bar.close()
                 if new is not None:
                     new.close()
-        img.set_backing(new_name, new_fmt)
+        set_backing(new_name, new_fmt)
     return 0
 
 
@@ -365,13 +371,18 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     from .qcow2.image import _BACKING, _ZERO, Qcow2Image
 
     with _open(args, args.filename, "r+") as img:
-        if not isinstance(img, Qcow2Image) or img.backing is None:
+        make_empty: Callable[[], None] | None = getattr(img, "make_empty", None)
+        old: Image | None = getattr(img, "backing", None)
+        if make_empty is None or old is None:
             raise CliError("Image does not have a backing file")
-        base_path = img.backing.path
-        base_fmt = img.head.backing_format or "raw"
-        img.backing.close()
-        img.backing = open_image(base_path, "r+", base_fmt)
-        base = img.backing
+        base_path = old.path
+        if isinstance(img, Qcow2Image):
+            base_fmt = img.head.backing_format or "raw"
+        else:
+            base_fmt = getattr(img, "backing_format", None) or "raw"
+        old.close()
+        base = open_image(base_path, "r+", base_fmt)
+        img.backing = base  # type: ignore[attr-defined]
         if img.size > base.size:
             resize: Callable[..., None] = base.resize
             resize(img.size)
@@ -389,7 +400,7 @@ def _cmd_commit(args: argparse.Namespace) -> int:
         bar.close()
         base.flush()
         if not args.d:
-            img.make_empty()
+            make_empty()
     sys.stdout.write("Image committed.\n")
     return 0
 
@@ -484,6 +495,20 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
             bar.add(n)
         base += src.size
     bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# fvd (format-specific commands; the logic lives in diskspec.fvd.tool)
+
+
+def _cmd_fvd(args: argparse.Namespace) -> int:
+    from .fvd.tool import run
+
+    bar = _Progress(args.p, 0, "prefetch")
+    try:
+        return run(args.fvd_command, args.filename, bar.add, sys.stdout)
+    finally:
+        bar.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,6 +664,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", help="sparse size (default 4k)")
     p.add_argument("filenames", nargs="+")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("fvd", help="FVD commands (prefetch: copy the whole base image in)")
+    p.add_argument("fvd_command", choices=["prefetch"])
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_fvd)
 
     gen = sub.add_parser("generate", help="regenerate diskspec.generated from specs/*.ksy")
     gen.add_argument("--check", action="store_true", help="fail and print a diff on drift")
