@@ -164,6 +164,27 @@ def open_fvd(
         raise
 
 
+def _bit(bitmap: bytearray, block: int) -> bool:
+    return bool(bitmap[block >> 3] >> (block & 7) & 1)
+
+
+def _run_end(bitmap: bytearray, block: int, last: int) -> int:
+    """The first block after ``block`` (at most ``last``) whose bit differs."""
+    value = _bit(bitmap, block)
+    b = block + 1
+    while b < last and b & 7:
+        if _bit(bitmap, b) != value:
+            return b
+        b += 1
+    if b >= last:
+        return last
+    found = (_ANY_CLEAR if value else _ANY_SET).search(bitmap, b >> 3, -(-last // 8))
+    b = found.start() * 8 if found else last
+    while b < last and _bit(bitmap, b) == value:
+        b += 1
+    return min(b, last)
+
+
 class FvdImage(Image):
     """An FVD v1 image opened with mode "r" or "r+"."""
 
@@ -209,6 +230,8 @@ class FvdImage(Image):
             if writable:  # persist the replay, then the image is clean again
                 self._persist_metadata(zero_all=True)
                 self._set_clean(1)
+        #: bits on disk or journaled; the fresh ``bitmap`` adds copy-on-read's soft bits
+        self.stale = bytearray(self.bitmap)
 
     # metadata ---------------------------------------------------------------------------------
 
@@ -270,25 +293,13 @@ class FvdImage(Image):
         return words_to_bytes(self.table, False)
 
     def bit(self, block: int) -> bool:
-        return bool(self.bitmap[block >> 3] >> (block & 7) & 1)
-
-    # reading ----------------------------------------------------------------------------------
+        """The fresh bit of a block: 1 when its data is in the image."""
+        return _bit(self.bitmap, block)
 
     def _bit_run_end(self, block: int, last: int) -> int:
-        """The first block after ``block`` (at most ``last``) whose bit differs."""
-        value = self.bit(block)
-        b = block + 1
-        while b < last and b & 7:
-            if self.bit(b) != value:
-                return b
-            b += 1
-        if b >= last:
-            return last
-        found = (_ANY_CLEAR if value else _ANY_SET).search(self.bitmap, b >> 3, -(-last // 8))
-        b = found.start() * 8 if found else last
-        while b < last and self.bit(b) == value:
-            b += 1
-        return min(b, last)
+        return _run_end(self.bitmap, block, last)
+
+    # reading ----------------------------------------------------------------------------------
 
     def _plan(self, offset: int, n: int) -> list[tuple[int, int, int, int]]:
         """Where guest bytes [offset, offset + n) come from: (kind, guest, host, length) runs
@@ -532,11 +543,15 @@ class FvdImage(Image):
         if chunks is not None and self.table is not None:
             c0, c1 = chunks
             records += table_records(c0, self.table[c0:c1])
+            self._fresh_chunks.difference_update(range(c0, c1))
         if lo < self.base_size:
             top = min(hi, self.base_size)
             first, last = lo // bs, -(-top // bs)
-            if not (self.bit(first) and self._bit_run_end(first, last) == last):
-                set_bits(self.bitmap, first, last)
+            # journaled when the stale bitmap (on disk + journal) lacks a bit, even if a
+            # copy-on-read already set the fresh one
+            set_bits(self.bitmap, first, last)
+            if not (_bit(self.stale, first) and _run_end(self.stale, first, last) == last):
+                set_bits(self.stale, first, last)
                 s0 = first * bs // SECTOR
                 s1 = min(last * bs, self.base_size) // SECTOR
                 records += bitmap_record(s0, s1 - s0)
@@ -605,6 +620,7 @@ class FvdImage(Image):
             self._unsynced = False
         if self.bitmap and self.h.all_data_in_fvd_img == 0:
             os.pwrite(fd, bytes(self.bitmap), self.h.ofs_bitmap)
+        self.stale = bytearray(self.bitmap)
         if self.table is not None:
             os.pwrite(fd, self._table_bytes(), self.h.ofs_table)
         os.fsync(fd)
