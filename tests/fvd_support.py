@@ -91,3 +91,16 @@ def digest(*paths: Path) -> list[str]:
 
 def read_all(img: diskspec.Image) -> bytes:
     return img.pread(img.size, 0)
+
+
+def random_writes(img: diskspec.Image, model: bytearray, rng: random.Random, count: int,
+                  longest: int, flush: bool = False) -> None:
+    """``count`` writes of random bytes (1 to ``longest``) at random offsets, in the model
+    too; with ``flush`` each is flushed."""
+    for _ in range(count):
+        at = rng.randrange(0, img.size - longest)
+        data = rng.randbytes(rng.randrange(1, longest))
+        img.pwrite(data, at)
+        model[at : at + len(data)] = data
+        if flush:
+            img.flush()

@@ -17,7 +17,7 @@ import pytest
 import diskspec
 from diskspec.fvd import FvdImage
 from diskspec.generated import fvd as fv
-from diskspec.tests.fvd_support import KiB, MiB, build, digest, read_all
+from diskspec.tests.fvd_support import KiB, MiB, build, digest, random_writes, read_all
 
 from .test_cli import ds
 
@@ -27,12 +27,7 @@ def _dirty(folder: Path, kind: str, **extra: object) -> tuple[Path, bytearray]:
     built = build(folder, kind, **extra)
     img = diskspec.open(built.path, "r+")
     assert isinstance(img, FvdImage)
-    rng = random.Random(7)
-    for _ in range(20):
-        at = rng.randrange(0, img.size - 10 * KiB)
-        data = rng.randbytes(rng.randrange(1, 10 * KiB))
-        img.pwrite(data, at)
-        built.model[at : at + len(data)] = data
+    random_writes(img, built.model, random.Random(7), 20, 10 * KiB)
     img.flush()
     img.abandon()
     return built.path, built.model
@@ -109,13 +104,7 @@ def test_a_tiny_journal_recycles(tmp_path: Path) -> None:
     assert isinstance(img, FvdImage) and img.h.len_journal == 4096
     seen: list[str] = []
     img.crash_hook = seen.append
-    rng = random.Random(3)
-    for _ in range(60):
-        at = rng.randrange(0, img.size - 4 * KiB)
-        data = rng.randbytes(rng.randrange(1, 4 * KiB))
-        img.pwrite(data, at)
-        built.model[at : at + len(data)] = data
-        img.flush()
+    random_writes(img, built.model, random.Random(3), 60, 4 * KiB, flush=True)
     assert seen.count("recycle") >= 5
     img.abandon()  # dropped after a recycle: bitmap and table on disk plus the new journal
     with diskspec.open(built.path) as ro:
