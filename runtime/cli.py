@@ -504,11 +504,17 @@ def _copy(sources: list[Image], out: Image, sparse: int, compress: bool, progres
 def _cmd_fvd(args: argparse.Namespace) -> int:
     from .fvd.tool import run
 
-    bar = _Progress(args.p, 0, "prefetch")
+    bars: list[_Progress] = []
+
+    def progress(total: int) -> Callable[[int], None]:
+        bars.append(_Progress(args.p, total, args.fvd_command))
+        return bars[-1].add
+
     try:
-        return run(args.fvd_command, args.filename, bar.add, sys.stdout)
+        return run(args.fvd_command, args.filename, progress, sys.stdout)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
 
 
 # ------------------------------------------------------------------------------------------------

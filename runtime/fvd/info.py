@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..image import Extent
 from ..qcow2.image import _BACKING, _DATA, _ZERO
 from ..qcow2.info import _path_combine, layer_info, qdict_order
-from ..qcow2.mapping import _emit
+from ..qcow2.mapping import _emit, _file_extents
 from .image import text_field
 
 if TYPE_CHECKING:
@@ -74,16 +74,19 @@ def fvd_info_chain(img: FvdImage) -> list[dict[str, Any]]:
 
 
 def fvd_map(img: FvdImage) -> list[Extent]:
-    """Guest ranges: FVD data (depth 0, with host offsets in the data storage), EMPTY chunks
-    (zero), and base ranges resolved through the base's own map (depth + 1)."""
+    """Guest ranges: FVD data (depth 0, with host offsets in the data storage; its holes are
+    zero), EMPTY chunks (zero), and base ranges through the base's own map (depth + 1)."""
     out: list[Extent] = []
     if not img.size:
         return out
     storage = str(img._data.name) if img._data is not None else str(img.path)
+    fd = img._storage().fileno()
     base_map: list[Extent] | None = None
     for kind, guest, host, length in img._plan(0, img.size):
-        if kind == _DATA:
-            _emit(out, Extent(guest, length, 0, True, False, True, host, filename=storage))
+        if kind == _DATA:  # holes of the data storage read as zeros
+            for h0, h1, is_data in _file_extents(fd, host, host + length):
+                _emit(out, Extent(guest + h0 - host, h1 - h0, 0, True, not is_data, is_data,
+                                  h0, filename=storage))
         elif kind == _ZERO:
             _emit(out, Extent(guest, length, 0, True, True, False))
         elif kind == _BACKING:

@@ -10,7 +10,10 @@ from ..image import UsageError
 __all__ = ["run"]
 
 
-def run(command: str, filename: str, progress: Callable[[int], None], out: TextIO) -> int:
+def run(
+    command: str, filename: str, progress: Callable[[int], Callable[[int], None]], out: TextIO
+) -> int:
+    """Run an fvd subcommand; ``progress(total)`` returns what to call with each step."""
     from ..opener import open_image
     from .image import FvdImage
 
@@ -19,6 +22,6 @@ def run(command: str, filename: str, progress: Callable[[int], None], out: TextI
     with open_image(filename, "r+") as img:
         if not isinstance(img, FvdImage):
             raise UsageError(f"{filename}: not an FVD image (format {img.fmt})")
-        copied = img.prefetch(progress)
+        copied = img.prefetch(progress(img.base_size))
     out.write(f"Prefetched {copied} bytes; the base image is no longer needed.\n")
     return 0
