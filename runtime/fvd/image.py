@@ -216,7 +216,10 @@ class FvdImage(Image):
         self._pending: list[bytes] = []
         self._fresh_chunks: set[int] = set()
         self._next_sector = 0
-        self._journal_high = head.len_journal // SECTOR  # stale sectors may sit anywhere
+        # journal sectors this session may have written; stale ones from earlier sessions are
+        # harmless (bits only set, chunks never moved), so recycle and close zero only these,
+        # and the few changes that are not monotonic zero all (make_empty, shrink, repair)
+        self._journal_high = 0
         self._storage_ready = False
         self.replayed = 0
         if head.clean_shutdown == 0 and head.len_journal > 0:
