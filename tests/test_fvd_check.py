@@ -105,8 +105,10 @@ def test_table_entry_past_the_end_of_the_file(tmp_path: Path) -> None:
     _set_entry(path, 2, 1000)
     with diskspec.open(path) as img, pytest.raises(diskspec.FormatError, match="past the end"):
         img.pread(10, 2 * CHUNK)
-    code, _, err = _check(tmp_path, path.name)
+    code, out, err = _check(tmp_path, path.name)
     assert code == 2 and "table entry 2 (chunk 1000) points past the end" in err
+    assert "1 leaked clusters were found" in out  # chunk 2 leaks, the ones below 1000 not
+    assert err.count("Leaked chunk") == 1
     code, out, err = _check(tmp_path, path.name, "-r", "all")
     assert code == 0, (out, err)
     assert "    1 corruptions" in out

@@ -42,12 +42,12 @@ def _padding_set(img: FvdImage) -> int:
 
 
 def _leaked(img: FvdImage) -> list[int]:
+    """Chunks below the highest one a usable entry references that no entry references
+    (entries past the storage are corruptions, and do not make the chunks below leak)."""
     if img.table is None:
         return []
     used = {e for v, e in enumerate(img.table) if e != EMPTY and v not in img.bad_entries}
-    shared = {img.table[v] for v, p in img.bad_entries.items() if "also used" in p}
-    used |= shared
-    return [k for k in range(img.used_chunks) if k not in used]
+    return [k for k in range(max(used, default=-1) + 1) if k not in used]
 
 
 def _scan(img: FvdImage, res: CheckResult) -> None:
@@ -55,7 +55,7 @@ def _scan(img: FvdImage, res: CheckResult) -> None:
     if padding:
         res.corruptions += 1
         res.messages.append(f"ERROR bitmap: {padding} padding bits past the base range are set")
-    for problem in img.bad_entries.values():
+    for problem in (*img.bad_entries.values(), *img.shared_entries.values()):
         res.corruptions += 1
         res.messages.append(f"ERROR {problem}")
     leaked = _leaked(img)
@@ -87,16 +87,16 @@ def _repair(img: FvdImage, repair: str) -> tuple[int, int]:
                 bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
             corruptions_fixed += 1
         if table is not None:
-            for v, problem in sorted(img.bad_entries.items()):
-                if "also used" in problem:
-                    k = img._alloc()
-                    _copy_chunk(img, table[v], k)
-                    table[v] = k
-                else:
-                    table[v] = EMPTY
+            for v in sorted(img.bad_entries):
+                table[v] = EMPTY  # unreadable: it read as nothing, now it reads as zeros
+                corruptions_fixed += 1
+            for v in sorted(img.shared_entries):
+                k = img._alloc()
+                _copy_chunk(img, table[v], k)  # each entry gets its own copy of the data
+                table[v] = k
                 corruptions_fixed += 1
             img._scan_table()
-    if table is not None and not img.bad_entries:
+    if table is not None and not img.bad_entries and not img.shared_entries:
         holes = _leaked(img)
         owners = sorted(((e, v) for v, e in enumerate(table) if e != EMPTY), reverse=True)
         for hole, (k, v) in zip(holes, owners, strict=False):
@@ -110,7 +110,7 @@ def _repair(img: FvdImage, repair: str) -> tuple[int, int]:
     # chunks were relocated: no stale journal record may point at an old place
     img._persist_metadata(zero_all=True)
     img._scan_table()
-    if table is not None and not img.bad_entries:
+    if table is not None and not img.bad_entries and not img.shared_entries:
         end = img.data_start + img.used_chunks * img.chunk_size
         if os.fstat(img._storage().fileno()).st_size > end:
             os.ftruncate(img._storage().fileno(), end)

@@ -257,8 +257,11 @@ class FvdImage(Image):
         self._scan_table()
 
     def _scan_table(self) -> None:
-        """Find the highest chunk in use, and entries that are past the storage or shared."""
+        """Find the highest chunk in use, and the entries that cannot be read (not an index,
+        past the storage: ``bad_entries``) or written (a chunk of another entry too:
+        ``shared_entries``), each with its message."""
         self.bad_entries: dict[int, str] = {}
+        self.shared_entries: dict[int, str] = {}
         self.used_chunks = 0
         if self.table is None:
             return
@@ -277,7 +280,7 @@ class FvdImage(Image):
                     f"storage ({storage:#x})"
                 )
             elif entry in seen:
-                self.bad_entries[v] = (
+                self.shared_entries[v] = (
                     f"table entry {v} (chunk {entry}) is also used by entry {seen[entry]}"
                 )
             else:
@@ -339,7 +342,7 @@ class FvdImage(Image):
                 _add(runs, _ZERO, pos, 0, cend - pos)
             else:
                 problem = self.bad_entries.get(v)
-                if problem is not None and "also used" not in problem:
+                if problem is not None:
                     raise ImageError(f"{self.path}: {problem}")
                 _add(runs, _DATA, pos, self.data_start + entry * cs + pos % cs, cend - pos)
             pos = cend
@@ -487,7 +490,7 @@ class FvdImage(Image):
                 # chunks past the highest persisted one may hold data of a write lost in a
                 # crash: drop them, so a reused chunk reads as zeros where it is not written
                 end = self.data_start + self.used_chunks * self.chunk_size
-                if length > end and not self.bad_entries:
+                if length > end and not self.bad_entries and not self.shared_entries:
                     os.ftruncate(fd, end)
             self._storage_ready = True
 
@@ -517,8 +520,9 @@ class FvdImage(Image):
         while pos < end:
             v = pos // cs
             cend = min(end, (v + 1) * cs)
-            if v in self.bad_entries:
-                raise ImageError(f"{self.path}: {self.bad_entries[v]}; run check -r all")
+            problem = self.bad_entries.get(v) or self.shared_entries.get(v)
+            if problem is not None:
+                raise ImageError(f"{self.path}: {problem}; run check -r all")
             if self.table[v] == EMPTY:
                 self.table[v] = self._alloc()
                 self._fresh_chunks.add(v)
