@@ -198,3 +198,35 @@ def test_resize(tmp_path: Path) -> None:
         assert img.snapshots() == []
         with pytest.raises(diskspec.UsageError, match="Operation not supported"):
             img.create_snapshot("s")  # type: ignore[attr-defined]
+
+
+def test_add_storage_cmd_is_kept_and_never_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    cmd = f"touch {marker}"
+    built = build(tmp_path, "raw-base-compact", size=4 * MiB, block_size=4096,
+                  add_storage_cmd=cmd, storage_grow_unit=64 * KiB)
+    with diskspec.open(built.path, "r+") as img:  # every chunk grows the storage
+        for at in range(0, 4 * MiB, 64 * KiB):
+            img.pwrite(b"g" * 100, at + 10)
+        img.resize(4 * MiB + 64 * KiB)
+        img.set_backing("base.raw", "raw")  # type: ignore[attr-defined]
+    with diskspec.open(built.path) as img:
+        assert isinstance(img, FvdImage)
+        assert img.h.add_storage_cmd.rstrip(b"\0") == cmd.encode()
+        assert img.pread(100, 64 * KiB + 10) == b"g" * 100
+        assert img.info()["format-specific"]["data"]["add-storage-cmd"] == cmd
+    assert not marker.exists()
+
+
+def test_backing_false_opens_the_image_alone(tmp_path: Path) -> None:
+    built = build(tmp_path, "raw-base-data-file", block_size=4096)
+    with diskspec.open(built.path, "r+") as img:
+        img.pwrite(b"d" * 10, 700 * KiB)
+    (tmp_path / "data.raw").rename(tmp_path / "elsewhere.raw")
+    assert built.base is not None
+    built.base.unlink()
+    with diskspec.open(built.path, backing=False) as img:
+        assert isinstance(img, FvdImage) and img.backing is None
+        assert img.info()["format-specific"]["data"]["data-file"] == "data.raw"
+        with pytest.raises(diskspec.FormatError, match=r"data file data\.raw is not open"):
+            img.pread(10, 700 * KiB)

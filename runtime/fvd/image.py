@@ -149,13 +149,13 @@ def open_fvd(
             base = open_image(_resolve(name, p), "r", text_field(h.base_img_fmt) or "raw",
                               _seen=seen)
         dname = text_field(h.data_file)
-        if dname:
+        if dname and backing:  # backing=False: the image alone, no file it names
             dfmt = text_field(h.data_file_fmt) or "raw"
             if dfmt != "raw":
                 raise ImageError(f"{p}: data_file_fmt '{dfmt}' is not supported (only raw)")
             kind = "r+b" if mode == "r+" else "rb"
             data = cast(BinaryIO, _resolve(dname, p).open(kind, buffering=0))
-        return FvdImage(p, f, mode == "r+", h, base, data, base_name=name)
+        return FvdImage(p, f, mode == "r+", h, base, data, base_name=name, data_name=dname)
     except BaseException:
         if base is not None:
             base.close()
@@ -199,12 +199,14 @@ class FvdImage(Image):
         base: Image | None,
         data: BinaryIO | None,
         base_name: str = "",
+        data_name: str = "",
     ) -> None:
         super().__init__(path, f, writable)
         self.h = head
         self.backing = base
         self.backing_format = text_field(head.base_img_fmt) or ("raw" if base_name else None)
         self.base_name = base_name
+        self.data_name = data_name
         self._data = data
         self.size = head.len_virtual_disk
         #: test hook: called with "data", "journal" or "recycle" after those steps of a flush
@@ -248,7 +250,7 @@ class FvdImage(Image):
         )
         self.compact = bool(h.compact_image)
         self.chunk_size = h.chunk_size if self.compact else 0
-        self.data_start = 0 if self._data is not None else h.len_metadata
+        self.data_start = 0 if self.data_name else h.len_metadata
         self.table: array[int] | None = None
         if self.compact:
             n = h.num_table_entries
@@ -265,7 +267,7 @@ class FvdImage(Image):
         self.used_chunks = 0
         if self.table is None:
             return
-        storage = self._storage_len()
+        storage = self._storage_len() if self._data is not None or not self.data_name else None
         seen: dict[int, int] = {}
         top = -1
         for v, entry in enumerate(self.table):
@@ -274,7 +276,7 @@ class FvdImage(Image):
             if entry & ~CHUNK_INDEX or entry == CHUNK_INDEX:
                 self.bad_entries[v] = f"table entry {v} ({entry:#x}) is not a chunk index"
                 continue
-            if self.data_start + entry * self.chunk_size >= storage:
+            if storage is not None and self.data_start + entry * self.chunk_size >= storage:
                 self.bad_entries[v] = (
                     f"table entry {v} (chunk {entry}) points past the end of the data "
                     f"storage ({storage:#x})"
@@ -289,7 +291,13 @@ class FvdImage(Image):
         self.used_chunks = top + 1
 
     def _storage(self) -> BinaryIO:
-        return self._data if self._data is not None else self._f
+        if self._data is not None:
+            return self._data
+        if self.data_name:
+            raise ImageError(
+                f"{self.path}: the data file {self.data_name} is not open (backing=False)"
+            )
+        return self._f
 
     def _storage_len(self) -> int:
         return os.fstat(self._storage().fileno()).st_size
