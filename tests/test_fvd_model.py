@@ -94,7 +94,8 @@ class FvdMachine(RuleBasedStateMachine):
     )
     def write(self, at: int, n: int, seed: int, flush: bool) -> None:
         assert self.img is not None
-        n = min(n, SIZE - at)
+        at %= len(self.model)
+        n = min(n, len(self.model) - at)
         data = random.Random(seed).randbytes(n)
         self.img.pwrite(data, at)
         self.model[at : at + n] = data
@@ -107,7 +108,7 @@ class FvdMachine(RuleBasedStateMachine):
         assert self.img is not None
         rng = random.Random(seed)
         for _ in range(6):
-            at = rng.randrange(0, SIZE - 2048)
+            at = rng.randrange(0, len(self.model) - 2048)
             data = rng.randbytes(rng.randrange(1, 2048))
             self.img.pwrite(data, at)
             self.model[at : at + len(data)] = data
@@ -116,16 +117,36 @@ class FvdMachine(RuleBasedStateMachine):
     @rule(at=st.integers(0, SIZE - 1), n=st.integers(1, 200 * KiB))
     def zeroes(self, at: int, n: int) -> None:
         assert self.img is not None
-        n = min(n, SIZE - at)
+        at %= len(self.model)
+        n = min(n, len(self.model) - at)
         self.img.write_zeroes(at, n)
         self.model[at : at + n] = bytes(n)
 
     @rule(at=st.integers(0, SIZE - 1), n=st.integers(1, 200 * KiB), cor=st.booleans())
     def read(self, at: int, n: int, cor: bool) -> None:
         assert self.img is not None
-        n = min(n, SIZE - at)
+        at %= len(self.model)
+        n = min(n, len(self.model) - at)
         self.img.copy_on_read = cor
         assert self.img.pread(n, at) == bytes(self.model[at : at + n])
+
+    @rule(sectors=st.integers(512, 3072))
+    def resize(self, sectors: int) -> None:
+        """Grow (the new part reads as zeros) or shrink (--shrink: clamps the base range)."""
+        assert self.img is not None
+        new = sectors * 512
+        self.img.resize(new, shrink=True)
+        old = len(self.model)
+        self.model[new:] = b""
+        self.model += bytes(max(0, new - old))
+        assert self.img.size == new
+        assert read_all(self.img) == bytes(self.model)
+        result = self.img.check()  # chunks past a shrunk end leak; repairing moves chunks
+        assert result.exit_code() in (0, 3) and not result.corruptions
+        if result.leaks:
+            event("leaks after a shrink, repaired")
+            assert self.img.check(repair="leaks").exit_code() == 0
+            assert read_all(self.img) == bytes(self.model)
 
     @rule()
     def flush(self) -> None:
@@ -168,9 +189,10 @@ class FvdMachine(RuleBasedStateMachine):
         rng = random.Random(seed)
         writes = []
         for _ in range(20 if fill else 0):  # small writes first: the journal fills, recycles
-            w_at = rng.randrange(0, SIZE - 2048)
+            w_at = rng.randrange(0, len(self.model) - 2048)
             writes.append((w_at, rng.randbytes(rng.randrange(1, 2048))))
-        n = min(n, SIZE - at)
+        at %= len(self.model)
+        n = min(n, len(self.model) - at)
         writes.append((at, rng.randbytes(n)))
         self.img.flush()  # what came before is done; only these writes are in the window
 

@@ -56,7 +56,13 @@ def resize(img: FvdImage, new_size: int, shrink: bool = False) -> None:
         img.base_size = new
     if img.table is not None:
         table = img.table
-        entries = -(-new // img.chunk_size)
+        cs = img.chunk_size
+        entries = -(-new // cs)
+        if new < old and new % cs and table[new // cs] != EMPTY:
+            # the kept part of the last chunk: what lies past the new end must read as zeros
+            # if the image grows again
+            host = img.data_start + table[new // cs] * cs
+            os.pwrite(img._storage().fileno(), bytes(cs - new % cs), host + new % cs)
         if entries < len(table):
             dropped = len(table) - entries
             os.pwrite(img._f.fileno(), fv.TableEntry.from_raw(EMPTY).build() * dropped,
@@ -74,3 +80,8 @@ def resize(img: FvdImage, new_size: int, shrink: bool = False) -> None:
     os.fsync(img._f.fileno())
     img.size = new
     img._scan_table()
+    if img.table is not None and not img.bad_entries and not img.shared_entries:
+        # chunks dropped at the top would be handed out again: they must read as zeros
+        end = img.data_start + img.used_chunks * img.chunk_size
+        if img._storage_len() > end:
+            os.ftruncate(img._storage().fileno(), end)
