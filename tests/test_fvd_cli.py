@@ -230,3 +230,16 @@ def test_backing_false_opens_the_image_alone(tmp_path: Path) -> None:
         assert img.info()["format-specific"]["data"]["data-file"] == "data.raw"
         with pytest.raises(diskspec.FormatError, match=r"data file data\.raw is not open"):
             img.pread(10, 700 * KiB)
+
+
+def test_a_compact_image_without_table_room_cannot_grow(tmp_path: Path) -> None:
+    # a 0-byte compact image has a 0-byte table, and its journal starts right there
+    diskspec.create(tmp_path / "z.fvd", "fvd", 0, compact_image=True)
+    got = ds_inproc("resize", "z.fvd", "1M", cwd=tmp_path)
+    assert got.returncode == 1 and "holds 0 chunks" in got.stderr
+    # 4 MiB of 4 KiB chunks fill a 4 KiB table exactly: not one chunk more
+    diskspec.create(tmp_path / "f.fvd", "fvd", "4M", compact_image=True, chunk_size=4096)
+    got = ds_inproc("resize", "f.fvd", "4100K", cwd=tmp_path)
+    assert got.returncode == 1 and "holds 1024 chunks" in got.stderr
+    assert ds_inproc("check", "z.fvd", cwd=tmp_path).returncode == 0
+    assert ds_inproc("check", "f.fvd", cwd=tmp_path).returncode == 0

@@ -66,8 +66,8 @@ def _table_capacity(h: fv.Header) -> int:
     """Bytes of the table region: up to the next region, at least what the size needs."""
     need = round_up(ENTRY_BYTES * h.num_table_entries, REGION_ALIGN)
     ends = [h.len_metadata]
-    for ofs in (h.ofs_bitmap, h.ofs_journal):
-        if ofs > h.ofs_table:
+    for ofs, length in ((h.ofs_bitmap, h.len_bitmap), (h.ofs_journal, h.len_journal)):
+        if length > 0 and ofs >= h.ofs_table:
             ends.append(ofs)
     return max(need, min(ends) - h.ofs_table)
 
