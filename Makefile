@@ -62,6 +62,7 @@ demo: setup
 bench: setup
 	$(PY) bench/parse_bench.py
 	$(PY) bench/qcow2_read_bench.py
+	$(PY) bench/fvd_write_bench.py
 
 clean:
 	rm -rf $(VENV) .ksc/node_modules .cache .pytest_cache .mypy_cache .ruff_cache

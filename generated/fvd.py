@@ -41,8 +41,11 @@ __all__ = [
     "JournalRecord",
     "JournalRecordType",
     "JournalSector",
+    "LayoutUnit",
     "TableEntry",
+    "TableEntryValue",
     "TableRecord",
+    "Version",
 ]
 
 _SPEC = "fvd.ksy"
@@ -94,6 +97,56 @@ class JournalRecordType(IntEnum):
 
 
 _BY_VALUE_JournalRecordType: dict[int, JournalRecordType] = {int(m): m for m in JournalRecordType}
+
+
+class Version(IntEnum):
+    """
+    version (fvd.ksy /enums/version)
+    """
+
+    V1 = 0x1
+    """
+    The only version; the header's version field must hold it. (QEMU: FVD_VERSION)
+    """
+
+
+_BY_VALUE_Version: dict[int, Version] = {int(m): m for m in Version}
+
+
+class TableEntryValue(IntEnum):
+    """
+    table_entry_value (fvd.ksy /enums/table_entry_value)
+    """
+
+    EMPTY = 0xFFFFFFFF
+    """
+    A lookup table entry of an unallocated chunk (reads as zeros). (QEMU: EMPTY_TABLE)
+    """
+
+
+_BY_VALUE_TableEntryValue: dict[int, TableEntryValue] = {int(m): m for m in TableEntryValue}
+
+
+class LayoutUnit(IntEnum):
+    """
+    layout_unit (fvd.ksy /enums/layout_unit)
+    """
+
+    SECTOR = 0x200
+    """
+    Bytes of a sector; sizes, block sizes and journal records are counted in sectors.
+    """
+    REGION_ALIGN = 0x1000
+    """
+    Every region starts on, and is sized in, multiples of this.
+    """
+    HEADER_REGION = 0x2000
+    """
+    Bytes of the header region at offset 0 (the 4336-byte header, rounded up to 4096).
+    """
+
+
+_BY_VALUE_LayoutUnit: dict[int, LayoutUnit] = {int(m): m for m in LayoutUnit}
 
 
 @dataclass(slots=True, kw_only=True)

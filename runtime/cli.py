@@ -262,6 +262,8 @@ def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]
     elif fmt == "qcow":
         order = [("size", size), ("backing_file", None), ("backing_fmt", None),
                  ("encryption", None), ("encrypt.format", None), ("encrypt.key-secret", None)]
+    elif fmt == "fvd":
+        order = [("size", size), *((key, None) for key in options)]
     else:
         order = [
             ("cluster_size", 65536), ("extended_l2", "off"), ("preallocation", None),
@@ -577,6 +579,26 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# fvd (format-specific commands; the logic lives in diskspec.fvd.tool)
+
+
+def _cmd_fvd(args: argparse.Namespace) -> int:
+    from .fvd.tool import run
+
+    bars: list[_Progress] = []
+
+    def progress(total: int) -> Callable[[int], None]:
+        bars.append(_Progress(args.p, total, args.fvd_command))
+        return bars[-1].add
+
+    try:
+        return run(args.fvd_command, args.filename, progress, sys.stdout)
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
 # generate
 
 
@@ -748,6 +770,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("fvd", help="FVD commands (prefetch: copy the whole base image in)")
+    p.add_argument("fvd_command", choices=["prefetch"])
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_fvd)
 
     gen = sub.add_parser("generate", help="regenerate diskspec.generated from specs/*.ksy")
     gen.add_argument("--check", action="store_true", help="fail and print a diff on drift")

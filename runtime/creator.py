@@ -39,5 +39,9 @@ def create_image(path: str, fmt: str, size: int | str, options: dict[str, Any]) 
         create_qcow(p, size, **options)
     elif fmt == "raw":
         _create_raw(p, size, options)
+    elif fmt == "fvd":
+        from .fvd.create import create_fvd
+
+        create_fvd(p, size, **options)
     else:
         raise UsageError(f"creating {fmt} images is not supported yet")

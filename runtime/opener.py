@@ -78,12 +78,17 @@ def open_image(
             img = _open_qcow2(p, f, mode, backing, seen)
         elif kind == "qcow":
             img = _open_qcow(p, f, mode, backing, backing_format, seen)
+        elif kind == "fvd":
+            from .fvd.image import open_fvd
+
+            img = open_fvd(p, f, mode, backing, seen)
         else:
             raise ImageError(f"{p}: {kind} images are not supported yet")
-        if passphrase is not None:
+        unlock = getattr(img, "unlock", None)
+        if passphrase is not None and unlock is not None:  # FVD has no encryption
             key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
             try:
-                img.unlock(key)  # type: ignore[attr-defined]
+                unlock(key)
             except BaseException:
                 img.close()
                 raise

@@ -292,3 +292,23 @@ enums:
     0xb4e6f7ac:
       id: table
       -orig-id: TABLE_JRECORD
+  version:
+    1:
+      id: v1
+      -orig-id: FVD_VERSION
+      doc: The only version; the header's version field must hold it.
+  table_entry_value:
+    0xffffffff:
+      id: empty
+      -orig-id: EMPTY_TABLE
+      doc: A lookup table entry of an unallocated chunk (reads as zeros).
+  layout_unit:
+    512:
+      id: sector
+      doc: Bytes of a sector; sizes, block sizes and journal records are counted in sectors.
+    4096:
+      id: region_align
+      doc: Every region starts on, and is sized in, multiples of this.
+    8192:
+      id: header_region
+      doc: Bytes of the header region at offset 0 (the 4336-byte header, rounded up to 4096).

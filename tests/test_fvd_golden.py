@@ -5,7 +5,11 @@ field at its documented offset."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
+import pytest
+
+from diskspec import create
 from diskspec.generated import fvd
 
 # (offset, struct format, field name, value) from ../shared/formats/fvd.md section 2
@@ -120,3 +124,96 @@ def test_full_journal_sector_has_no_empty_record() -> None:
     parsed = fvd.JournalSector.parse(sector)
     assert len(parsed.records) == 1 and parsed.rest == b""
     assert list(parsed.records[0].body.entries) == list(range(125))
+
+
+# what diskspec create writes -----------------------------------------------------------------
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def test_create_writes_the_documented_header_byte_for_byte(tmp_path: Path) -> None:
+    """The 10 GiB compact image on a 10 GiB base of the worked examples (fvd.md 3.1) is
+    exactly the hand-packed header above, and its regions are where the doc puts them."""
+    with (tmp_path / "base.raw").open("wb") as f:
+        f.truncate(10 * GiB)
+    create(tmp_path / "x.fvd", "fvd", "10G", backing_file="base.raw", backing_fmt="raw",
+           compact_image="on", copy_on_read="off", add_storage_cmd="builtin:lvextend")
+    raw = (tmp_path / "x.fvd").read_bytes()
+    assert raw[:4336] == _hand_header()
+    assert raw[4336:8192] == bytes(8192 - 4336)
+    assert len(raw) == 19_447_808
+    assert raw[8192 : 8192 + 2_621_440].count(0) == 2_621_440  # bitmap: zeros
+    assert raw[2_629_632 : 2_629_632 + 40960] == b"\xff" * 40960  # table: all EMPTY
+    assert raw[2_670_592:].count(0) == 16 * MiB  # journal: zeros
+
+
+# (case, size, base size, create options) -> documented (block size, bitmap off/size,
+# table off/size, journal off/size, metadata size) of the worked examples in fvd.md 3.1
+WORKED = [
+    ("10G plain", 10 * GiB, None, {}, (0, 0, 0, 0, 0, 0, 0, 8192)),
+    ("10G compact", 10 * GiB, None, {"compact_image": True},
+     (0, 0, 0, 8192, 40960, 49152, 16 * MiB, 16_826_368)),
+    ("10G on 10G", 10 * GiB, 10 * GiB, {},
+     (512, 8192, 2_621_440, 0, 0, 2_629_632, 16 * MiB, 19_406_848)),
+    ("10G on 10G compact", 10 * GiB, 10 * GiB, {"compact_image": True},
+     (512, 8192, 2_621_440, 2_629_632, 40960, 2_670_592, 16 * MiB, 19_447_808)),
+    ("1T on 1T", 1 << 40, 1 << 40, {},
+     (32768, 8192, 4_194_304, 0, 0, 4_202_496, 16 * MiB, 20_979_712)),
+]
+
+
+@pytest.mark.parametrize(("case", "size", "base", "options", "want"), WORKED,
+                         ids=[w[0] for w in WORKED])
+def test_create_lays_out_the_worked_examples(
+    tmp_path: Path, case: str, size: int, base: int | None, options: dict[str, object],
+    want: tuple[int, ...],
+) -> None:
+    del case
+    if base is not None:
+        with (tmp_path / "base.raw").open("wb") as f:
+            f.truncate(base)
+        options = {**options, "backing_file": "base.raw", "backing_fmt": "raw"}
+    create(tmp_path / "x.fvd", "fvd", size, **options)
+    raw = (tmp_path / "x.fvd").read_bytes()[:4336]
+
+    def at(off: int, fmt: str) -> int:
+        return int(struct.unpack_from(fmt, raw, off)[0])
+
+    got = (at(1092, "<i"), at(1076, "<q"), at(1084, "<q"), at(2212, "<q"), 0,
+           at(4284, "<q"), at(4292, "<q"), at(20, "<q"))
+    table_size = 0
+    if at(2208, "<i"):
+        entries = -(-at(12, "<q") // at(2220, "<q"))
+        table_size = -(-4 * entries // 4096) * 4096
+    assert (*got[:4], table_size, *got[5:]) == want
+    assert at(0, "<I") == 0x5143F5A9 and at(4, "<I") == 1 and at(4300, "<i") == 1
+    assert at(12, "<q") == size
+    assert raw[1052:1068].rstrip(b"\0") == (b"raw" if base is not None else b"")
+    assert at(8, "<i") == (0 if base is not None else 1)
+
+
+def test_create_quirks_and_rounding(tmp_path: Path) -> None:
+    # a journal_size with neither bitmap nor table: zeros counted, no journal (fvd.md 3.1);
+    # a chunk_size for a non-compact image is stored raw; the size rounds up to 512
+    create(tmp_path / "q.fvd", "fvd", 1000, journal_size=5000, chunk_size=123456,
+           storage_grow_unit=777)
+    raw = (tmp_path / "q.fvd").read_bytes()
+    assert struct.unpack_from("<q", raw, 12)[0] == 1024
+    assert struct.unpack_from("<q", raw, 20)[0] == 8192 + 5000
+    assert struct.unpack_from("<qq", raw, 4284) == (0, 0)
+    assert struct.unpack_from("<qq", raw, 2220) == (123456, 777)
+    assert len(raw) == 8192 + 5000
+    # data_file and data_file_fmt are always set when a data file is named
+    create(tmp_path / "d.fvd", "fvd", "1M", data_file="d.raw")
+    raw = (tmp_path / "d.fvd").read_bytes()
+    assert raw[1108:1113] == b"d.raw\0"[:5] and raw[2132:2136] == b"raw\0"
+    assert (tmp_path / "d.raw").exists()
+    # user block sizes round up to 512; chunk sizes to 4096; the grow unit is >= a chunk
+    (tmp_path / "b.raw").write_bytes(bytes(4096))
+    create(tmp_path / "c.fvd", "fvd", "1M", backing_file="b.raw", block_size=1000,
+           compact_image=True, chunk_size=5000, storage_grow_unit=1)
+    raw = (tmp_path / "c.fvd").read_bytes()
+    assert struct.unpack_from("<i", raw, 1092)[0] == 1024
+    assert struct.unpack_from("<qq", raw, 2220) == (8192, 8192)
+    assert raw[1052:1056] == b"raw\0"  # base_img_fmt is always written
