@@ -243,3 +243,37 @@ def test_a_compact_image_without_table_room_cannot_grow(tmp_path: Path) -> None:
     assert got.returncode == 1 and "holds 1024 chunks" in got.stderr
     assert ds_inproc("check", "z.fvd", cwd=tmp_path).returncode == 0
     assert ds_inproc("check", "f.fvd", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow", "qcow2"])
+@pytest.mark.parametrize("compact", [False, True], ids=["plain", "compact"])
+def test_fvd_over_every_base_format(tmp_path: Path, base_fmt: str, compact: bool) -> None:
+    """FVD over raw, qcow and qcow2 bases written by qemu: reads equal qemu's view of the base
+    with diskspec's writes on top, and a qcow v1 image (qemu reads it) can sit over FVD."""
+    qi = require_tool("qemu-img")
+    base = tmp_path / f"base.{base_fmt}"
+    subprocess.run([qi, "create", "-q", "-f", base_fmt, str(base), "6M"], check=True)
+    for w in ("write -P 0x5a 0 2M", "write -P 0x6b 3M 100k", "write -P 0x7c 5M 512"):
+        subprocess.run([require_tool("qemu-io"), "-f", base_fmt, "-c", w, str(base)],
+                       check=True, capture_output=True)
+    model = bytearray(_qemu_raw(tmp_path, base, "base.as.raw"))
+    fvd = tmp_path / "mid.fvd"
+    diskspec.create(fvd, "fvd", 6 * MiB, backing_file=base.name, backing_fmt=base_fmt,
+                    block_size=4096, compact_image=compact)
+    with diskspec.open(fvd, "r+") as img:
+        for at, n in ((1_000_001, 70_000), (3 * MiB - 7, 20), (6 * MiB - 3000, 3000)):
+            data = bytes((at + i) % 251 for i in range(n))
+            img.pwrite(data, at)
+            model[at:at + n] = data
+    assert ds_inproc("check", "mid.fvd", cwd=tmp_path).returncode == 0
+    got = ds_inproc("convert", "-O", "raw", "mid.fvd", "mid.raw", cwd=tmp_path)
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "mid.raw").read_bytes() == bytes(model)
+    # a qcow v1 image over the FVD disk (the caller names the backing format; qcow stores none)
+    top = tmp_path / "top.qcow"
+    diskspec.create(top, "qcow", 6 * MiB, backing_file="mid.fvd", backing_fmt="fvd")
+    with diskspec.open(top, "r+", backing_format="fvd") as img:
+        img.pwrite(b"q" * 4096, 8192)
+        model[8192:12288] = b"q" * 4096
+    with diskspec.open(top, backing_format="fvd") as img:
+        assert img.pread(len(model), 0) == bytes(model)
