@@ -523,9 +523,11 @@ def _ivgen(ivspec: str, family: str, key: bytes, block_size: int, cipher_mode: s
     generator, colon, hash_name = ivspec.partition(":")
     if generator == "essiv" and hash_name:
         return _EssivIv(ivspec, family, key, hash_name)
-    if generator == "plain64" and not colon:
+    if colon and generator in ("plain", "plain64"):
+        _check_hash(hash_name)  # qemu writes an ivgen-hash-alg it was given; plain IVs ignore it
+    if generator == "plain64":
         return _PlainIv(ivspec, block_size, 64)
-    if generator == "plain" and not colon:
+    if generator == "plain":
         return _PlainIv(ivspec, block_size, 32)
     raise UnsupportedCipherError(f"unknown IV generator in cipher mode {cipher_mode!r}")
 
@@ -766,10 +768,11 @@ class LuksParams:
 
     @property
     def mode_spec(self) -> str:
-        """The LUKS cipher mode string ("xts-plain64", "cbc-essiv:sha256")."""
-        if self.ivgen_alg == "essiv":
-            return f"{self.cipher_mode}-essiv:{self.ivgen_hash_alg or 'sha256'}"
-        return f"{self.cipher_mode}-{self.ivgen_alg}"
+        """The LUKS cipher mode string ("xts-plain64", "cbc-essiv:sha256"); as qemu, a given
+        ivgen hash is written for every IV generator (only essiv uses it)."""
+        ivhash = self.ivgen_hash_alg or ("sha256" if self.ivgen_alg == "essiv" else None)
+        suffix = f":{ivhash}" if ivhash else ""
+        return f"{self.cipher_mode}-{self.ivgen_alg}{suffix}"
 
     @property
     def material_sectors(self) -> int:

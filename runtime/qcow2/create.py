@@ -9,6 +9,7 @@ every byte comes from the spec.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..crypto import (
     LUKS_CIPHER_MODES,
     LUKS_HASH_ALGS,
     LUKS_IVGEN_ALGS,
+    LUKS_STRIPES,
     SECTOR_SIZE,
     LuksParams,
     luks_format,
@@ -115,10 +117,21 @@ def _luks_params(given: dict[str, Any]) -> LuksParams:
         }.get(member, LUKS_HASH_ALGS)
         values[member.replace("-", "_")] = _choice(value, member, allowed)
     params = LuksParams(**values)
-    if params.ivgen_alg != "essiv" and params.ivgen_hash_alg is not None:
-        params = LuksParams(**(values | {"ivgen_hash_alg": None}))  # qemu ignores it
     if params.cipher_mode == "xts" and params.cipher_name in ("des", "3des", "cast5"):
         raise UsageError(f"Unsupported cipher mode {params.cipher_mode}")
+    if params.ivgen_alg == "essiv":
+        try:
+            size = hashlib.new(params.ivgen_hash_alg or "sha256").digest_size
+        except ValueError as exc:
+            raise UsageError(f"Hash '{params.ivgen_hash_alg}' is not available") from exc
+        family, _ = LUKS_CIPHER_ALGS[params.cipher_alg]
+        if (family, size) not in LUKS_CIPHER_ALGS.values():
+            raise UsageError(f"No {family.upper()} cipher with key size {size} available")
+    material = params.key_bytes * LUKS_STRIPES
+    if material % SECTOR_SIZE:
+        # qemu-img 7.2 aborts on an assertion here; such an image would not open in qemu
+        raise UsageError(f"LUKS key material of {material} bytes is not a whole number of "
+                         f"sectors ({params.cipher_alg} {params.cipher_mode})")
     return params
 
 
