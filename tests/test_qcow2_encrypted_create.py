@@ -122,6 +122,7 @@ LUKS_CASES: list[tuple[str, dict[str, str]]] = [
     ("64M", {"refcount_bits": "1", "cluster_size": "16384"}),
     ("10T", {}),
     ("64M", {"backing_file": "base.raw", "backing_fmt": "raw"}),
+    ("64M", {"data_file": "x.data"}),  # the LUKS area stays in the qcow2 file
     ("64M", {"encrypt.cipher-alg": "aes-128", "encrypt.cipher-mode": "cbc",
              "encrypt.ivgen-alg": "essiv", "encrypt.ivgen-hash-alg": "sha256",
              "encrypt.hash-alg": "sha512"}),
