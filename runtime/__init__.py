@@ -58,7 +58,10 @@ def open(
 def create(path: str | _os.PathLike[str], fmt: str, size: int | str, **options: object) -> None:
     """Create an image, with qemu-img's option names (``compat``, ``cluster_size``, ...).
 
-    ``size`` is bytes or a string with a k, M, G, T suffix, as qemu-img takes it.
+    ``size`` is bytes or a string with a k, M, G, T suffix, as qemu-img takes it. Encrypted
+    qcow2 and qcow images take ``encrypt.format`` (qcow2: ``luks`` or ``aes``; qcow: ``aes``)
+    and the other ``encrypt.*`` options in a ``**{...}`` dict, with the key either named by
+    ``encrypt.key-secret`` in ``secrets={ID: bytes}`` or given as ``passphrase=``.
     """
     from .creator import create_image
 

@@ -56,11 +56,50 @@ def _secrets(args: argparse.Namespace) -> dict[str, bytes]:
     return found
 
 
+def _passphrase_file(args: argparse.Namespace) -> bytes | None:
+    """``--passphrase-file FILE``: the file's bytes, one trailing newline stripped."""
+    name: str | None = getattr(args, "passphrase_file", None)
+    if name is None:
+        return None
+    data = Path(name).read_bytes()
+    return data[:-1] if data.endswith(b"\n") else data
+
+
 def _passphrase(args: argparse.Namespace) -> bytes | None:
+    """The key to open encrypted images with: --passphrase-file, else the only secret."""
+    given = _passphrase_file(args)
+    if given is not None:
+        return given
     secrets = _secrets(args)
     if len(secrets) == 1:
         return next(iter(secrets.values()))
     return None
+
+
+def _new_image_keys(args: argparse.Namespace, fmt: str, options: dict[str, Any]) -> None:
+    """Give create (qcow, qcow2) the secrets that encrypt.key-secret=ID names, and the
+    --passphrase-file key for encrypt.format without encrypt.key-secret."""
+    if fmt not in ("qcow", "qcow2"):
+        return
+    options["secrets"] = _secrets(args)
+    given = _passphrase_file(args)
+    if given is not None:
+        options["passphrase"] = given
+
+
+def _new_image_passphrase(args: argparse.Namespace, options: dict[str, Any]) -> bytes | None:
+    """The key a just created image opens with: its encrypt.key-secret, else the
+    --passphrase-file key, else the only secret; None when it is not encrypted."""
+    legacy = str(options.get("encryption", "off")).lower()
+    if options.get("encrypt.format") is None and legacy in ("off", "false", "no", "0"):
+        return None
+    secret = options.get("encrypt.key-secret")
+    if secret is not None:
+        secrets = _secrets(args)
+        if secret not in secrets:
+            raise CliError(f"No secret with id '{secret}'")
+        return secrets[secret]
+    return _passphrase(args)
 
 
 class _ImageOpts:
@@ -104,8 +143,17 @@ def _open(args: argparse.Namespace, filename: str, mode: str = "r", fmt: str | N
         opts = _ImageOpts(args, filename)
         return open_image(opts.path, mode, opts.fmt, backing=backing,
                           passphrase=opts.passphrase)
-    return open_image(filename, mode, fmt if fmt is not None else getattr(args, "f", None),
-                      backing=backing, passphrase=_passphrase(args))
+    img = open_image(filename, mode, fmt if fmt is not None else getattr(args, "f", None),
+                     backing=backing)
+    return _unlocked(img, _passphrase(args))
+
+
+def _unlocked(img: Image, key: bytes | None) -> Image:
+    """The image with its key given when it is encrypted: as qemu-img, a secret (or the
+    --passphrase-file) that an image does not need is ignored."""
+    from .opener import unlock_image
+
+    return unlock_image(img, key, needed=True)
 
 
 def _shown_name(args: argparse.Namespace, filename: str) -> str:
@@ -249,8 +297,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     size = size if size is not None else options.pop("size")
     if not args.q:
         sys.stdout.write(_formatting_line(args.filename, fmt, _size(str(size)), options))
-    if fmt == "qcow":
-        options["secrets"] = _secrets(args)
+    _new_image_keys(args, fmt, options)
     create(args.filename, fmt, size, **options)
     return 0
 
@@ -265,7 +312,10 @@ def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]
     elif fmt == "fvd":
         order = [("size", size), *((key, None) for key in options)]
     else:
+        from .qcow2.create import ENCRYPT_OPTIONS
+
         order = [
+            *((key, None) for key in ENCRYPT_OPTIONS),
             ("cluster_size", 65536), ("extended_l2", "off"), ("preallocation", None),
             ("compression_type", "zlib"), ("size", size), ("backing_file", None),
             ("backing_fmt", None), ("compat", None), ("data_file", None),
@@ -276,6 +326,8 @@ def _formatting_line(filename: str, fmt: str, size: int, options: dict[str, Any]
         value = size if key == "size" else options.get(key, default)
         if key == "cluster_size" and key in options:
             value = _size(str(value))
+        if key == "encrypt.iter-time" and key in options and str(value).isdigit():
+            value = int(str(value))  # a number: qemu prints its value
         if value is not None:
             parts.append(f"{key}={value}")
     return f"Formatting '{filename}', fmt={fmt} {' '.join(parts)}\n"
@@ -353,7 +405,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from .qcow2.info import format_info_json
 
     fmt = args.O or "raw"
-    options = _options(args.o)
+    options: dict[str, Any] = _options(args.o)
+    _new_image_keys(args, fmt, options)
     if args.size is not None:
         result = measure(fmt, options, _size(args.size), None)
     elif args.filename:
@@ -499,6 +552,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from . import create
+    from . import open as open_image
     from .qcow2.image import Qcow2Image
 
     *sources, target = args.filenames
@@ -519,12 +573,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         options: dict[str, Any] = _options(args.o)
         if args.B:
             options |= {"backing_file": args.B, "backing_fmt": args.F or "raw"}
-        if fmt == "qcow":
-            options["secrets"] = _secrets(args)  # encrypt.key-secret=ID names one of them
+        key = _passphrase(args) if args.n else _new_image_passphrase(args, options)
+        _new_image_keys(args, fmt, options)  # encrypt.key-secret=ID names one of them
         if not args.n:
             create(target, fmt, total, **options)
         sparse = _size(args.S) if args.S else 4096
-        with _open(args, target, "r+", fmt=fmt) as out:
+        with _unlocked(open_image(target, "r+", fmt), key) as out:
             _copy(opened, out, sparse, args.c, args.p)
     finally:
         for img in opened:
@@ -639,6 +693,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, fmt: bool = True) -> None:
     p.add_argument("--object", action="append", help="secret,id=ID,data=PASS (passphrase)")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help="passphrase of encrypted images (one trailing newline stripped); in "
+                        "create and convert also the key of encrypt.format without "
+                        "encrypt.key-secret")
     p.add_argument("--image-opts", action="store_true",
                    help="file names are option strings: driver=FMT,file.filename=PATH,...")
     p.add_argument("-U", "--force-share", action="store_true", help="accepted, no effect")

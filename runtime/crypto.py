@@ -24,9 +24,12 @@ import hashlib
 import hmac
 import os
 import sys
+import time
+import uuid
 from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -46,11 +49,13 @@ __all__ = [
     "CryptoError",
     "InvalidPasswordError",
     "LuksHeaderError",
+    "LuksParams",
     "SectorCipher",
     "UnsupportedCipherError",
     "af_merge",
     "af_split",
     "luks_cipher",
+    "luks_format",
     "luks_master_key",
     "luks_unlock",
     "qcow_aes_cipher",
@@ -518,9 +523,11 @@ def _ivgen(ivspec: str, family: str, key: bytes, block_size: int, cipher_mode: s
     generator, colon, hash_name = ivspec.partition(":")
     if generator == "essiv" and hash_name:
         return _EssivIv(ivspec, family, key, hash_name)
-    if generator == "plain64" and not colon:
+    if colon and generator in ("plain", "plain64"):
+        _check_hash(hash_name)  # qemu writes an ivgen-hash-alg it was given; plain IVs ignore it
+    if generator == "plain64":
         return _PlainIv(ivspec, block_size, 64)
-    if generator == "plain" and not colon:
+    if generator == "plain":
         return _PlainIv(ivspec, block_size, 32)
     raise UnsupportedCipherError(f"unknown IV generator in cipher mode {cipher_mode!r}")
 
@@ -704,3 +711,167 @@ def luks_unlock(
     """
     _, key = luks_master_key(header, read, passphrase)
     return luks_cipher(header, key)
+
+
+# --------------------------------------------------------------------------------------------
+# Creating LUKS1 headers, as qemu's crypto layer lays them out.
+
+_LUKS_MATERIAL_ALIGN: Final = 4096  # qemu aligns each key slot's material to 4 KiB
+_LUKS_SALT_SIZE: Final = 32
+_LUKS_SLOTS: Final = 8
+_LUKS_MIN_ITERATIONS: Final = 1000  # qemu's floor for both the slot and the digest counts
+_LUKS_DIGEST_DIVISOR: Final = 8  # qemu (as cryptsetup) spends an eighth on the digest
+_LUKS_CALIBRATION_SECONDS: Final = 0.02
+
+# qemu's cipher-alg names -> (LUKS cipher name, key bytes)
+LUKS_CIPHER_ALGS: Final[dict[str, tuple[str, int]]] = {
+    "aes-128": ("aes", 16),
+    "aes-192": ("aes", 24),
+    "aes-256": ("aes", 32),
+    "des": ("des", 8),
+    "3des": ("3des", 24),
+    "cast5-128": ("cast5", 16),
+    "serpent-128": ("serpent", 16),
+    "serpent-192": ("serpent", 24),
+    "serpent-256": ("serpent", 32),
+    "twofish-128": ("twofish", 16),
+    "twofish-192": ("twofish", 24),
+    "twofish-256": ("twofish", 32),
+}
+LUKS_CIPHER_MODES: Final = ("ecb", "cbc", "xts", "ctr")
+LUKS_IVGEN_ALGS: Final = ("plain", "plain64", "essiv")
+LUKS_HASH_ALGS: Final = _LUKS_HASHES
+
+
+@dataclass(frozen=True, slots=True)
+class LuksParams:
+    """The encrypt.* create options of a LUKS1 image, with qemu's defaults and names."""
+
+    cipher_alg: str = "aes-256"
+    cipher_mode: str = "xts"
+    ivgen_alg: str = "plain64"
+    ivgen_hash_alg: str | None = None
+    hash_alg: str = "sha256"
+    iter_time: int = 2000
+    """Milliseconds of PBKDF2 per key slot unlock; the iteration counts are timed to match."""
+
+    @property
+    def cipher_name(self) -> str:
+        """The LUKS cipher name ("aes")."""
+        return LUKS_CIPHER_ALGS[self.cipher_alg][0]
+
+    @property
+    def key_bytes(self) -> int:
+        """Bytes of the master key: both keys for XTS."""
+        size = LUKS_CIPHER_ALGS[self.cipher_alg][1]
+        return 2 * size if self.cipher_mode == "xts" else size
+
+    @property
+    def mode_spec(self) -> str:
+        """The LUKS cipher mode string ("xts-plain64", "cbc-essiv:sha256"); as qemu, a given
+        ivgen hash is written for every IV generator (only essiv uses it)."""
+        ivhash = self.ivgen_hash_alg or ("sha256" if self.ivgen_alg == "essiv" else None)
+        suffix = f":{ivhash}" if ivhash else ""
+        return f"{self.cipher_mode}-{self.ivgen_alg}{suffix}"
+
+    @property
+    def material_sectors(self) -> int:
+        """Sectors between two key slots' material: key bytes * stripes, 4 KiB aligned."""
+        size = self.key_bytes * LUKS_STRIPES
+        return -(-size // _LUKS_MATERIAL_ALIGN) * _LUKS_MATERIAL_ALIGN // SECTOR_SIZE
+
+    def slot_sector(self, index: int) -> int:
+        """Start of key slot ``index``'s material, in sectors from the LUKS header."""
+        return _LUKS_HEADER_SECTORS + index * self.material_sectors
+
+    @property
+    def payload_offset(self) -> int:
+        """Bytes of the LUKS header and all eight slots' material (qemu's payload offset)."""
+        return self.slot_sector(_LUKS_SLOTS) * SECTOR_SIZE
+
+    def cipher(self, key: bytes) -> SectorCipher:
+        """The sector cipher these parameters name, for ``key``."""
+        return sector_cipher(self.cipher_name, self.mode_spec, key)
+
+
+def pbkdf2_iterations(hash_name: str, key_size: int, out_size: int, milliseconds: int) -> int:
+    """PBKDF2 iterations that take about ``milliseconds`` of CPU time here, as qemu times them
+    (it measures the rate once and scales it)."""
+    _check_hash(hash_name)
+    secret, salt = os.urandom(key_size), os.urandom(_LUKS_SALT_SIZE)
+    count = 1 << 10
+    while True:
+        start = time.thread_time()
+        hashlib.pbkdf2_hmac(hash_name, secret, salt, count, out_size)
+        spent = time.thread_time() - start
+        if spent >= _LUKS_CALIBRATION_SECONDS or count >= 1 << 24:
+            break
+        count *= 2
+    rate = count / max(spent, 1e-6)
+    iterations = int(rate * milliseconds / 1000)
+    if iterations > _U32:
+        raise CryptoError(f"PBKDF iterations {iterations} too large to scale")
+    return iterations
+
+
+def luks_format(
+    passphrase: bytes,
+    params: LuksParams,
+    random: Callable[[int], bytes] = os.urandom,
+) -> tuple[LuksHeader, bytes]:
+    """A new LUKS1 header whose key slot 0 opens with ``passphrase``, and that slot's
+    encrypted key material (to be written at ``slot_sector(0)`` sectors from the header).
+
+    The master key, the salts and the UUID are random; the iteration counts follow
+    ``params.iter_time`` (the digest gets an eighth of it). Slots 1 to 7 are disabled.
+    """
+    key_size = params.key_bytes
+    hash_name = _check_hash(params.hash_alg)
+    params.cipher(bytes(key_size))  # refuse an unusable cipher before any key derivation
+    master = random(key_size)
+    digest_salt = random(_LUKS_SALT_SIZE)
+    digest_iterations = max(
+        _LUKS_MIN_ITERATIONS,
+        pbkdf2_iterations(hash_name, key_size, _LUKS_DIGEST_SIZE, params.iter_time)
+        // _LUKS_DIGEST_DIVISOR,
+    )
+    digest = hashlib.pbkdf2_hmac(hash_name, master, digest_salt, digest_iterations,
+                                 _LUKS_DIGEST_SIZE)
+    slot_salt = random(_LUKS_SALT_SIZE)
+    slot_iterations = max(
+        _LUKS_MIN_ITERATIONS,
+        pbkdf2_iterations(hash_name, len(passphrase) or 1, key_size, params.iter_time),
+    )
+    slot_key = hashlib.pbkdf2_hmac(hash_name, passphrase, slot_salt, slot_iterations, key_size)
+    split = af_split(master, LUKS_STRIPES, hash_name, random)
+    padded = split + bytes(-len(split) % SECTOR_SIZE)
+    # a short last sector (CBC, ECB, CTR only) is the head of a whole one's ciphertext
+    material = params.cipher(slot_key).encrypt(padded, 0)[: len(split)]
+    slots = [
+        _q.LuksKeySlot(
+            active=_q.LuksKeySlotState.ACTIVE if i == 0 else _q.LuksKeySlotState.DISABLED,
+            iterations=slot_iterations if i == 0 else 0,
+            salt=slot_salt if i == 0 else bytes(_LUKS_SALT_SIZE),
+            ofs_key_material_sectors=params.slot_sector(i),
+            num_stripes=LUKS_STRIPES,
+        )
+        for i in range(_LUKS_SLOTS)
+    ]
+
+    def field(text: str, size: int) -> bytes:
+        return text.encode("ascii").ljust(size, b"\0")
+
+    header = _q.LuksHeader(
+        version=1,
+        cipher_name=field(params.cipher_name, 32),
+        cipher_mode=field(params.mode_spec, 32),
+        hash_spec=field(hash_name, 32),
+        ofs_payload_sectors=params.payload_offset // SECTOR_SIZE,
+        len_key=key_size,
+        mk_digest=digest,
+        mk_digest_salt=digest_salt,
+        mk_digest_iterations=digest_iterations,
+        uuid=field(str(uuid.UUID(bytes=random(16), version=4)), 40),
+        key_slots=slots,
+    )
+    return header, material

@@ -2,7 +2,9 @@
 
 For qcow2 the estimate is the metadata of a fully allocated image (header, L2 and L1 tables,
 and refcount structures found as a fixed point, since they count themselves) plus the data the
-source really holds, rounded to clusters.
+source really holds, rounded to clusters; with encrypt.format=luks, plus the LUKS header and
+key material in whole clusters (qemu checks the LUKS options and the key secret, and ignores
+every other encrypt.format).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .image import Image, UsageError
-from .qcow2.create import Qcow2Options
+from .qcow2.create import ENCRYPT_OPTIONS, Qcow2Options
 
 __all__ = ["Measure", "measure"]
 
@@ -134,15 +136,19 @@ def measure(fmt: str, options: dict[str, Any], size: int | None, source: Image |
         return _measure_fvd(virtual, options, source)
     if fmt != "qcow2":
         raise UsageError(f"Block driver '{fmt}' does not support size measurement")
+    opts = dict(options)
+    if opts.get("encrypt.format") != "luks":
+        for name in (*ENCRYPT_OPTIONS, "secrets", "passphrase"):
+            opts.pop(name, None)
     try:
-        o = Qcow2Options.from_qemu(virtual, dict(options))
+        o = Qcow2Options.from_qemu(virtual, opts)
     except UsageError as exc:
         if "too large" in str(exc):
             raise UsageError("The image size is too large (try using a larger cluster size)") \
                 from exc
         raise
     cs = o.cluster_size
-    full = prealloc_size(virtual, cs, o.refcount_order, o.extended_l2)
+    full = prealloc_size(virtual, cs, o.refcount_order, o.extended_l2) + o.luks_clusters * cs
     if o.preallocation in ("falloc", "full"):
         data = _round_up(virtual, cs)
     elif source is None:

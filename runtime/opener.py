@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 from .generated import fvd, qcow, qcow2
 from .image import Image, ImageError, RawImage, UsageError
 
-__all__ = ["MAX_CHAIN", "detect_format", "open_image"]
+__all__ = ["MAX_CHAIN", "detect_format", "open_image", "unlock_image"]
 
 MAX_CHAIN = 16
 FORMATS = ("raw", "qcow2", "qcow", "fvd")
@@ -84,18 +84,25 @@ def open_image(
             img = open_fvd(p, f, mode, backing, seen)
         else:
             raise ImageError(f"{p}: {kind} images are not supported yet")
-        unlock = getattr(img, "unlock", None)
-        if passphrase is not None and unlock is not None:  # FVD has no encryption
-            key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
-            try:
-                unlock(key)
-            except BaseException:
-                img.close()
-                raise
-        return img
+        return unlock_image(img, passphrase)
     except BaseException:
         f.close()
         raise
+
+
+def unlock_image(img: Image, passphrase: bytes | str | None, *, needed: bool = False) -> Image:
+    """The image with ``passphrase`` given to it (closed on failure). FVD and raw images have
+    no encryption and ignore it; with ``needed``, so does any image that is not encrypted."""
+    unlock = getattr(img, "unlock", None)
+    if passphrase is None or unlock is None or (needed and not getattr(img, "encrypted", True)):
+        return img
+    key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+    try:
+        unlock(key)
+    except BaseException:
+        img.close()
+        raise
+    return img
 
 
 def _open_qcow2(

@@ -77,6 +77,11 @@ class QcowImage(QcowWriter, Image):
     def load_header(cls, f: BinaryIO, path: Path) -> QcowHeader:
         return load_header(f, path)
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether guest data is encrypted (open it with a passphrase, or :meth:`unlock`)."""
+        return bool(self.head.encrypted)
+
     def unlock(self, passphrase: bytes) -> None:
         """Give the key of an AES-encrypted image (the first 16 bytes of the passphrase)."""
         from ..crypto import qcow_aes_cipher

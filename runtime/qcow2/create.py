@@ -1,23 +1,36 @@
 """Creating qcow2 images with qemu-img's option names and qemu's layout.
 
-Cluster 0 holds the header, its extensions (backing format, data file, feature name table,
-end) and the backing file name; then come the refcount table, the refcount blocks and the L1
-table, as ``qemu-img create`` lays them out (qcow.md B.4). Everything is built through the
-generated classes, so every byte comes from the spec.
+Cluster 0 holds the header, its extensions (backing format, data file, full disk encryption,
+feature name table, end) and the backing file name; then come the refcount table, the refcount
+blocks, the L1 table and, for LUKS, the LUKS header with its key material, as ``qemu-img
+create`` lays them out (qcow.md B.4). Everything is built through the generated classes, so
+every byte comes from the spec.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..crypto import (
+    LUKS_CIPHER_ALGS,
+    LUKS_CIPHER_MODES,
+    LUKS_HASH_ALGS,
+    LUKS_IVGEN_ALGS,
+    LUKS_STRIPES,
+    SECTOR_SIZE,
+    LuksParams,
+    luks_format,
+)
 from ..generated import qcow2 as q
 from ..image import UsageError
 from ..structbase import words_to_bytes
 
-__all__ = ["Qcow2Options", "create_qcow2", "parse_size"]
+__all__ = ["Encryption", "Qcow2Options", "create_qcow2", "parse_encryption", "parse_size"]
 
 DEFAULT_CLUSTER_SIZE = 65536
 V3_HEADER_LENGTH = 112  # what qemu writes (header through compression_type and padding)
@@ -56,6 +69,112 @@ def _bool(value: Any, name: str) -> bool:
     raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
+# The LUKS create options in qemu's order, with the QAPI member each one sets.
+LUKS_OPTIONS = (
+    ("encrypt.cipher-alg", "cipher-alg"),
+    ("encrypt.cipher-mode", "cipher-mode"),
+    ("encrypt.ivgen-alg", "ivgen-alg"),
+    ("encrypt.ivgen-hash-alg", "ivgen-hash-alg"),
+    ("encrypt.hash-alg", "hash-alg"),
+    ("encrypt.iter-time", "iter-time"),
+)
+ENCRYPT_OPTIONS = ("encryption", "encrypt.format", "encrypt.key-secret",
+                   *(name for name, _ in LUKS_OPTIONS))
+
+
+@dataclass(frozen=True, slots=True)
+class Encryption:
+    """How a new image is encrypted: the method, the key and, for LUKS, its parameters."""
+
+    method: q.CryptMethod
+    passphrase: bytes
+    luks: LuksParams | None = None
+
+
+def _choice(value: Any, member: str, allowed: tuple[str, ...]) -> str:
+    text = str(value)
+    if text not in allowed:
+        raise UsageError(f"Parameter '{member}' does not accept value '{text}'")
+    return text
+
+
+def _luks_params(given: dict[str, Any]) -> LuksParams:
+    values: dict[str, Any] = {}
+    for name, member in LUKS_OPTIONS:
+        if name not in given:
+            continue
+        value = given[name]
+        if member == "iter-time":
+            try:
+                values["iter_time"] = int(str(value), 0)
+            except ValueError as exc:
+                raise UsageError(f"Parameter '{name}' expects a number") from exc
+            continue
+        allowed = {
+            "cipher-alg": tuple(LUKS_CIPHER_ALGS),
+            "cipher-mode": LUKS_CIPHER_MODES,
+            "ivgen-alg": LUKS_IVGEN_ALGS,
+        }.get(member, LUKS_HASH_ALGS)
+        values[member.replace("-", "_")] = _choice(value, member, allowed)
+    params = LuksParams(**values)
+    if params.cipher_mode == "xts" and params.cipher_name in ("des", "3des", "cast5"):
+        raise UsageError(f"Unsupported cipher mode {params.cipher_mode}")
+    if params.ivgen_alg == "essiv":
+        try:
+            size = hashlib.new(params.ivgen_hash_alg or "sha256").digest_size
+        except ValueError as exc:
+            raise UsageError(f"Hash '{params.ivgen_hash_alg}' is not available") from exc
+        family, _ = LUKS_CIPHER_ALGS[params.cipher_alg]
+        if (family, size) not in LUKS_CIPHER_ALGS.values():
+            raise UsageError(f"No {family.upper()} cipher with key size {size} available")
+    material = params.key_bytes * LUKS_STRIPES
+    if material % SECTOR_SIZE:
+        # qemu-img 7.2 aborts on an assertion here; such an image would not open in qemu
+        raise UsageError(f"LUKS key material of {material} bytes is not a whole number of "
+                         f"sectors ({params.cipher_alg} {params.cipher_mode})")
+    return params
+
+
+def parse_encryption(
+    opts: dict[str, Any],
+    passphrase: bytes | str | None = None,
+    secrets: Mapping[str, bytes] | None = None,
+) -> Encryption | None:
+    """Take the encryption options out of ``opts`` and check them as qemu-img does.
+
+    ``encrypt.key-secret=ID`` names one of ``secrets``; without it ``passphrase`` is the key.
+    """
+    legacy = opts.pop("encryption", None)
+    fmt = opts.pop("encrypt.format", None)
+    secret = opts.pop("encrypt.key-secret", None)
+    luks = {name: opts.pop(name) for name, _ in LUKS_OPTIONS if name in opts}
+    if legacy is not None and fmt is not None:
+        raise UsageError("'encrypt.format' and its alias 'encryption' can't be used at the "
+                         "same time")
+    if legacy is not None:
+        if not _bool(legacy, "encryption"):
+            return None
+        fmt = "aes"
+    if fmt is None:
+        if secret is not None or luks:
+            raise UsageError("Parameter 'encrypt.format' is missing")
+        return None
+    fmt = _choice(fmt, "format", ("aes", "luks"))
+    if fmt == "aes" and luks:
+        raise UsageError(f"Parameter '{next(iter(luks))}' is unexpected")
+    params = _luks_params(luks) if fmt == "luks" else None
+    if secret is not None:
+        if secrets is None or str(secret) not in secrets:
+            raise UsageError(f"No secret with id '{secret}'")
+        key = secrets[str(secret)]
+    elif passphrase is not None:
+        key = passphrase.encode("utf-8") if isinstance(passphrase, str) else passphrase
+    else:
+        raise UsageError("Parameter 'encrypt.key-secret' is required for cipher")
+    method = q.CryptMethod.LUKS if params is not None else q.CryptMethod.AES
+    return Encryption(method, key, params)
+
+
 @dataclass(slots=True)
 class Qcow2Options:
     """The qcow2 create options of qemu-img 7.2, validated as qemu validates them."""
@@ -72,11 +191,14 @@ class Qcow2Options:
     data_file: str | None = None
     data_file_raw: bool = False
     preallocation: str = "off"
+    encryption: Encryption | None = None
 
     @classmethod
     def from_qemu(cls, size: int | str, options: dict[str, Any]) -> Qcow2Options:
         opts = dict(options)
         o = cls(size=parse_size(opts.pop("size", size)))
+        o.encryption = parse_encryption(opts, opts.pop("passphrase", None),
+                                        opts.pop("secrets", None))
         compat = str(opts.pop("compat", "1.1"))
         if compat in ("0.10", "v2"):
             o.version = 2
@@ -153,6 +275,12 @@ class Qcow2Options:
         return 1 << self.cluster_bits
 
     @property
+    def luks_clusters(self) -> int:
+        """Clusters of the LUKS header and key material (0 without LUKS)."""
+        luks = self.encryption.luks if self.encryption is not None else None
+        return -(-luks.payload_offset // self.cluster_size) if luks is not None else 0
+
+    @property
     def l2_bits(self) -> int:
         return self.cluster_bits - (4 if self.extended_l2 else 3)
 
@@ -196,6 +324,7 @@ def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
         incompatible |= q.IncompatibleFeature.EXTERNAL_DATA_FILE
     autoclear = q.AutoclearFeature.DATA_FILE_RAW if o.data_file_raw else 0
     compatible = q.CompatibleFeature.LAZY_REFCOUNTS if o.lazy_refcounts else 0
+    crypt = o.encryption.method if o.encryption is not None else q.CryptMethod.NONE
     extensions: list[q.HeaderExtension] = []
     if o.backing_fmt and o.backing_file:
         name = o.backing_fmt.encode("ascii")
@@ -205,6 +334,11 @@ def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
         name = os.fsencode(o.data_file)
         extensions.append(_extension(q.HeaderExtensionType.EXTERNAL_DATA_FILE,
                                      q.ExtExternalDataFile(name=name), name))
+    if o.encryption is not None and o.encryption.luks is not None:
+        fde = q.ExtFullDiskEncryption(ofs_encryption_header=layout["luks"] * cs,
+                                      len_encryption_header=o.encryption.luks.payload_offset)
+        extensions.append(_extension(q.HeaderExtensionType.FULL_DISK_ENCRYPTION, fde,
+                                     fde.build()))
     if o.version >= 3 and cs > FEATURE_TABLE_MIN_CLUSTER:
         table = feature_name_table()
         extensions.append(_extension(q.HeaderExtensionType.FEATURE_NAME_TABLE, table,
@@ -220,7 +354,7 @@ def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
         len_backing_file_name=len(backing),
         cluster_bits=o.cluster_bits,
         len_virtual_disk=o.size,
-        crypt_method=q.CryptMethod.NONE,
+        crypt_method=crypt,
         num_l1_entries=o.l1_entries,
         ofs_l1_table=layout["l1"] * cs,
         ofs_refcount_table=layout["reftable"] * cs,
@@ -249,13 +383,14 @@ def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
 
 
 def _layout(o: Qcow2Options) -> dict[str, int]:
-    """Header, refcount table, refcount blocks, L1, as qemu places them."""
+    """Header, refcount table, refcount blocks, L1, LUKS area, as qemu places them."""
     cs = o.cluster_size
     per_block = cs * 8 >> o.refcount_order
     l1_clusters = max(1, -(-8 * o.l1_entries // cs))
+    luks_clusters = o.luks_clusters
     tables, blocks = 1, 1
     while True:
-        total = 1 + tables + blocks + l1_clusters
+        total = 1 + tables + blocks + l1_clusters + luks_clusters
         need_blocks = -(-total // per_block)
         need_tables = -(-need_blocks * 8 // cs)
         if need_blocks <= blocks and need_tables <= tables:
@@ -268,7 +403,8 @@ def _layout(o: Qcow2Options) -> dict[str, int]:
         "refblock_count": blocks,
         "l1": 1 + tables + blocks,
         "l1_clusters": l1_clusters,
-        "total": 1 + tables + blocks + l1_clusters,
+        "luks": 1 + tables + blocks + l1_clusters,
+        "total": 1 + tables + blocks + l1_clusters + luks_clusters,
     }
 
 
@@ -305,11 +441,23 @@ def create_qcow2(path: Path, size: int | str, **options: Any) -> None:
                                     refcount_order=o.refcount_order, **fields).build()
             os.pwrite(fd, block, (layout["refblocks"] + i) * cs)
         os.pwrite(fd, bytes(8 * o.l1_entries), layout["l1"] * cs)
+        if o.encryption is not None and o.encryption.luks is not None:
+            _write_luks(fd, o.encryption, layout["luks"] * cs)
+            f.truncate(layout["total"] * cs)  # qemu zeroes the LUKS clusters whole
         os.fsync(fd)
     if o.preallocation == "off" and o.data_file_raw:
         o.preallocation = "metadata"  # as qemu: a raw data file is mapped 1:1 from the start
     if o.preallocation != "off":
         _preallocate(path, o)
+
+
+def _write_luks(fd: int, encryption: Encryption, offset: int) -> None:
+    """The LUKS header and key slot 0's material at ``offset`` (the rest stays zero)."""
+    params = encryption.luks
+    assert params is not None
+    header, material = luks_format(encryption.passphrase, params)
+    os.pwrite(fd, header.build(), offset)
+    os.pwrite(fd, material, offset + params.slot_sector(0) * SECTOR_SIZE)
 
 
 def _refcount_code(order: int) -> str:
@@ -321,7 +469,8 @@ def _preallocate(path: Path, o: Qcow2Options) -> None:
     from ..opener import open_image
     from .image import Qcow2Image
 
-    img = open_image(path, "r+", "qcow2", backing=o.data_file is not None)
+    key = o.encryption.passphrase if o.encryption is not None else None
+    img = open_image(path, "r+", "qcow2", backing=o.data_file is not None, passphrase=key)
     assert isinstance(img, Qcow2Image)
     with img:
         img.preallocate(o.preallocation)

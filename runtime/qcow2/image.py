@@ -103,6 +103,11 @@ class Qcow2Image(Qcow2Writer, Image):
     def load_header(cls, f: BinaryIO) -> Qcow2Header:
         return load_header(f)
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether guest data is encrypted (open it with a passphrase, or :meth:`unlock`)."""
+        return self.head.crypt_method != q.CryptMethod.NONE
+
     def unlock(self, passphrase: bytes) -> None:
         """Give the key of an encrypted image (LUKS or the legacy AES method)."""
         from ..crypto import luks_unlock, qcow_aes_cipher
