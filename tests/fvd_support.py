@@ -13,15 +13,18 @@ KiB = 1024
 MiB = 1024 * KiB
 
 #: every layout the runtime has: (name, base format or None, compact, data file)
-KINDS: list[tuple[str, str | None, bool, bool]] = [
-    ("plain", None, False, False),
-    ("compact", None, True, False),
-    ("raw-base", "raw", False, False),
-    ("qcow2-base", "qcow2", False, False),
-    ("raw-base-compact", "raw", True, False),
-    ("qcow2-base-compact", "qcow2", True, False),
-    ("data-file", None, False, True),
-    ("raw-base-data-file", "raw", False, True),
+#: (name, base format, compact, data file format)
+KINDS: list[tuple[str, str | None, bool, str | None]] = [
+    ("plain", None, False, None),
+    ("compact", None, True, None),
+    ("raw-base", "raw", False, None),
+    ("qcow2-base", "qcow2", False, None),
+    ("raw-base-compact", "raw", True, None),
+    ("qcow2-base-compact", "qcow2", True, None),
+    ("data-file", None, False, "raw"),
+    ("raw-base-data-file", "raw", False, "raw"),
+    ("qcow2-data-file", None, False, "qcow2"),
+    ("raw-base-compact-qcow2-data-file", "raw", True, "qcow2"),
 ]
 
 
@@ -78,8 +81,10 @@ def build(
         options.setdefault("compact_image", True)
         options.setdefault("chunk_size", 64 * KiB)
         options.setdefault("storage_grow_unit", 256 * KiB)
-    if data_file:
+    if data_file == "raw":
         options["data_file"] = "data.raw"
+    elif data_file is not None:
+        options |= {"data_file": f"data.{data_file}", "data_file_fmt": data_file}
     path = folder / f"{kind}.fvd"
     diskspec.create(path, "fvd", size, **options)
     return Built(path, model, base)

@@ -69,7 +69,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], None], str]] = {
                   base_img_fmt=b"fvd".ljust(16, b"\0")), "infinite loop"),
     "unknown base format": (_set(base_img_fmt=b"vmdk".ljust(16, b"\0")), "Unknown driver"),
     "data file format": (_set(data_file=b"d.raw".ljust(1024, b"\0"),
-                              data_file_fmt=b"qcow2".ljust(16, b"\0")), "not supported"),
+                              data_file_fmt=b"vmdk".ljust(16, b"\0")), "Unknown driver"),
 }
 
 

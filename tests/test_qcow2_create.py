@@ -35,7 +35,7 @@ CASES: list[dict[str, Any]] = [
     {"preallocation": "metadata", "extended_l2": "on"},
     {"preallocation": "metadata", "compat": "0.10", "cluster_size": 4096},
 ]
-SIZES = ["64M", "4097k"]
+SIZES = ["64M", "4097k", "0"]
 
 
 def _qemu(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ rewrites bitmap and table, zeroes the journal, and checks again.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from ..image import UsageError
@@ -68,10 +67,9 @@ def _scan(img: FvdImage, res: CheckResult) -> None:
 
 
 def _copy_chunk(img: FvdImage, src: int, dst: int) -> None:
-    fd = img._storage().fileno()
     cs = img.chunk_size
-    data = img._host_read(img._storage(), cs, img.data_start + src * cs)
-    os.pwrite(fd, data, img.data_start + dst * cs)
+    storage = img._storage()
+    storage.write(storage.read(cs, img.data_start + src * cs), img.data_start + dst * cs)
 
 
 def _repair(img: FvdImage, repair: str) -> tuple[int, int]:
@@ -106,14 +104,14 @@ def _repair(img: FvdImage, repair: str) -> tuple[int, int]:
             table[v] = hole
             leaks_fixed += 1
         if leaks_fixed:
-            os.fsync(img._storage().fileno())
+            img._storage().sync()
     # chunks were relocated: no stale journal record may point at an old place
     img._persist_metadata(zero_all=True)
     img._scan_table()
     if table is not None and not img.bad_entries and not img.shared_entries:
         end = img.data_start + img.used_chunks * img.chunk_size
-        if os.fstat(img._storage().fileno()).st_size > end:
-            os.ftruncate(img._storage().fileno(), end)
+        if img._storage().length() > end:
+            img._storage().truncate(end)
     return leaks_fixed, corruptions_fixed
 
 

@@ -42,6 +42,8 @@ DEFAULT_JOURNAL = 16 << 20
 DEFAULT_GROW_UNIT = 100 << 20
 MODERATE_BITMAP = 4 << 20
 MAX_NAME = 1023
+#: formats a data file may have: resized as the data region grows (qcow v1 cannot resize)
+GROWABLE_DATA_FORMATS = ("raw", "qcow2")
 MAX_FMT = 15
 MAX_CMD = 2047
 #: the create-time prefetch and copy-on-read knobs the reference fills in with a base image
@@ -110,8 +112,9 @@ def create_fvd(path: Path, size: int | str, **options: Any) -> None:
     base_fmt = str(opts.get("backing_fmt") or "raw") if base_name else ""
     data_name = opts.get("data_file") or None
     data_fmt = str(opts.get("data_file_fmt") or "raw") if data_name else ""
-    if data_fmt and data_fmt != "raw":
-        raise UsageError(f"data_file_fmt '{data_fmt}' is not supported (only raw)")
+    if data_fmt and data_fmt not in GROWABLE_DATA_FORMATS:
+        raise UsageError(f"data_file_fmt '{data_fmt}' cannot hold FVD data: the data file "
+                         f"must grow and shrink ({', '.join(GROWABLE_DATA_FORMATS)})")
     fields: dict[str, Any] = {name: 0 for name in _INT_FIELDS}
     fields |= {
         "version": VERSION,
@@ -200,8 +203,13 @@ def create_fvd(path: Path, size: int | str, **options: Any) -> None:
     if data_name:
         where = Path(os.fsdecode(fields["data_file"].rstrip(b"\0")))
         target = where if where.is_absolute() else path.parent / where
-        with target.open("wb") as d:
-            os.fsync(d.fileno())
+        if data_fmt == "raw":
+            with target.open("wb") as d:
+                os.fsync(d.fileno())
+        else:  # an empty image of that format; it grows by resize as data arrives
+            from ..creator import create_image
+
+            create_image(str(target), data_fmt, 0, {})
 
 
 _INT_FIELDS = (

@@ -35,6 +35,7 @@ from .consts import (
 )
 from .create import bitmap_bytes, round_up
 from .journal import bitmap_record, pack_sectors, replay, set_bits, table_records
+from .storage import FileStorage, ImageStorage, Storage
 
 if TYPE_CHECKING:
     from ..qcow2.check import CheckResult
@@ -137,12 +138,12 @@ def open_fvd(
 ) -> FvdImage:
     """Open an FVD image (called by diskspec.open); the base is opened read-only through
     open_image with base_img_fmt, raw when the field is empty (never probed)."""
-    from ..opener import open_image
+    from ..opener import FORMATS, open_image
 
     h = load_header(p, f)
     validate(p, h, os.fstat(f.fileno()).st_size)
     base: Image | None = None
-    data: BinaryIO | None = None
+    data: Storage | None = None
     try:
         name = text_field(h.base_img)
         if backing and name and h.all_data_in_fvd_img == 0:
@@ -151,10 +152,14 @@ def open_fvd(
         dname = text_field(h.data_file)
         if dname and backing:  # backing=False: the image alone, no file it names
             dfmt = text_field(h.data_file_fmt) or "raw"
-            if dfmt != "raw":
-                raise ImageError(f"{p}: data_file_fmt '{dfmt}' is not supported (only raw)")
-            kind = "r+b" if mode == "r+" else "rb"
-            data = cast(BinaryIO, _resolve(dname, p).open(kind, buffering=0))
+            if dfmt not in FORMATS:
+                raise ImageError(f"{p}: data file: Unknown driver '{dfmt}'")
+            if dfmt == "raw":
+                kind = "r+b" if mode == "r+" else "rb"
+                data = FileStorage(cast(BinaryIO, _resolve(dname, p).open(kind, buffering=0)),
+                                   owned=True)
+            else:  # honoured as the header says (fvd.md rule 6), never probed
+                data = ImageStorage(open_image(_resolve(dname, p), mode, dfmt, _seen=seen))
         return FvdImage(p, f, mode == "r+", h, base, data, base_name=name, data_name=dname)
     except BaseException:
         if base is not None:
@@ -197,7 +202,7 @@ class FvdImage(Image):
         writable: bool,
         head: fv.Header,
         base: Image | None,
-        data: BinaryIO | None,
+        data: Storage | None,
         base_name: str = "",
         data_name: str = "",
     ) -> None:
@@ -208,6 +213,7 @@ class FvdImage(Image):
         self.base_name = base_name
         self.data_name = data_name
         self._data = data
+        self._own = FileStorage(f, owned=False)
         self.size = head.len_virtual_disk
         #: test hook: called with "data", "journal" or "recycle" after those steps of a flush
         self.crash_hook: Callable[[str], None] | None = None
@@ -290,17 +296,17 @@ class FvdImage(Image):
             top = max(top, entry)
         self.used_chunks = top + 1
 
-    def _storage(self) -> BinaryIO:
+    def _storage(self) -> Storage:
         if self._data is not None:
             return self._data
         if self.data_name:
             raise ImageError(
                 f"{self.path}: the data file {self.data_name} is not open (backing=False)"
             )
-        return self._f
+        return self._own
 
     def _storage_len(self) -> int:
-        return os.fstat(self._storage().fileno()).st_size
+        return self._storage().length()
 
     def _table_bytes(self) -> bytes:
         assert self.table is not None
@@ -364,17 +370,15 @@ class FvdImage(Image):
 
     def _read(self, n: int, offset: int) -> bytes:
         runs = self._plan(offset, n)
+        storage = self._storage()
         if len(runs) == 1 and runs[0][0] == _DATA:
-            return self._host_read(self._storage(), n, runs[0][2])
+            return storage.read(n, runs[0][2])
         out = bytearray(n)
         view = memoryview(out)
-        fd = self._storage().fileno()
         for kind, guest, host, length in runs:
             at = guest - offset
             if kind == _DATA:
-                got = os.preadv(fd, [view[at : at + length]], host)
-                if got < length:
-                    view[at + got : at + length] = bytes(length - got)
+                storage.read_into(view[at : at + length], host)
             elif kind == _BACKING:
                 out[at : at + length] = self._base_read(length, guest)
                 if self._cor:
@@ -427,10 +431,10 @@ class FvdImage(Image):
         base must be written, not skipped)."""
         out = bytearray(n)
         view = memoryview(out)
-        fd = self._storage().fileno()
+        storage = self._storage()
         for kind, guest, host, length in self._plan_fvd_only(at, n):
             if kind == _DATA:
-                os.preadv(fd, [view[guest - at : guest - at + length]], host)
+                storage.read_into(view[guest - at : guest - at + length], host)
         return out.count(0) != n
 
     def _plan_fvd_only(self, at: int, n: int) -> list[tuple[int, int, int, int]]:
@@ -489,17 +493,17 @@ class FvdImage(Image):
             self._set_clean(0)
             self._session_dirty = True
         if not self._storage_ready:
-            fd = self._storage().fileno()
-            length = self._storage_len()
+            storage = self._storage()
+            length = storage.length()
             if self.table is None:
                 if length < self.data_start + self.size:
-                    os.ftruncate(fd, self.data_start + self.size)  # sparse (init_data_region)
+                    storage.truncate(self.data_start + self.size)  # sparse (init_data_region)
             else:
                 # chunks past the highest persisted one may hold data of a write lost in a
                 # crash: drop them, so a reused chunk reads as zeros where it is not written
                 end = self.data_start + self.used_chunks * self.chunk_size
                 if length > end and not self.bad_entries and not self.shared_entries:
-                    os.ftruncate(fd, end)
+                    storage.truncate(end)
             self._storage_ready = True
 
     def _alloc(self) -> int:
@@ -510,16 +514,16 @@ class FvdImage(Image):
         need = self.data_start + self.used_chunks * self.chunk_size
         if self._storage_len() < need:
             grow = max(self.h.storage_grow_unit, self.chunk_size)
-            os.ftruncate(self._storage().fileno(), need - self.chunk_size + grow)
+            self._storage().truncate(need - self.chunk_size + grow)
         return k
 
     def _store(self, data: bytes, at: int) -> tuple[int, int] | None:
         """Write guest bytes into FVD storage (allocating chunks); returns the chunk range
         touched in a compact image, if any chunk in it is not yet on disk."""
-        fd = self._storage().fileno()
+        storage = self._storage()
         self._unsynced = True
         if self.table is None:
-            os.pwrite(fd, data, self.data_start + at)
+            storage.write(data, self.data_start + at)
             return None
         cs = self.chunk_size
         view = memoryview(data)
@@ -536,7 +540,7 @@ class FvdImage(Image):
                 self._fresh_chunks.add(v)
             fresh = fresh or v in self._fresh_chunks
             host = self.data_start + self.table[v] * cs + pos % cs
-            os.pwrite(fd, view[pos - at : cend - at], host)
+            storage.write(view[pos - at : cend - at], host)
             pos = cend
         return (at // cs, (end - 1) // cs + 1) if fresh else None
 
@@ -602,7 +606,7 @@ class FvdImage(Image):
         if not self.writable or self.closed or not self._session_dirty:
             return
         if self._unsynced:
-            os.fsync(self._storage().fileno())
+            self._storage().sync()
             self._unsynced = False
             self._hook("data")
         if not self._pending:
@@ -631,7 +635,7 @@ class FvdImage(Image):
         (all of it with ``zero_all``, after a change that is not monotonic) and reused."""
         fd = self._f.fileno()
         if self._unsynced:
-            os.fsync(self._storage().fileno())
+            self._storage().sync()
             self._unsynced = False
         if self.bitmap and self.h.all_data_in_fvd_img == 0:
             os.pwrite(fd, bytes(self.bitmap), self.h.ofs_bitmap)
@@ -705,9 +709,9 @@ class FvdImage(Image):
         if self.table is not None:
             self.table = array(fv.TableEntry.WORD, [EMPTY]) * len(self.table)
         self._persist_metadata(zero_all=True)
-        os.ftruncate(self._storage().fileno(), self.data_start)
+        self._storage().truncate(self.data_start)
         if self.table is None:
-            os.ftruncate(self._storage().fileno(), self.data_start + self.size)
+            self._storage().truncate(self.data_start + self.size)
         self._scan_table()
 
     def resize(self, new_size: int, shrink: bool = False) -> None:

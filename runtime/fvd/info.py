@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..image import Extent
 from ..qcow2.image import _BACKING, _DATA, _ZERO
 from ..qcow2.info import _path_combine, layer_info, qdict_order
-from ..qcow2.mapping import _emit, _file_extents
+from ..qcow2.mapping import _emit
 from .image import text_field
 
 if TYPE_CHECKING:
@@ -79,14 +79,13 @@ def fvd_map(img: FvdImage) -> list[Extent]:
     out: list[Extent] = []
     if not img.size:
         return out
-    storage = str(img._data.name) if img._data is not None else str(img.path)
-    fd = img._storage().fileno()
+    storage = img._storage()
     base_map: list[Extent] | None = None
     for kind, guest, host, length in img._plan(0, img.size):
         if kind == _DATA:  # holes of the data storage read as zeros
-            for h0, h1, is_data in _file_extents(fd, host, host + length):
+            for h0, h1, is_data in storage.extents(host, host + length):
                 _emit(out, Extent(guest + h0 - host, h1 - h0, 0, True, not is_data, is_data,
-                                  h0, filename=storage))
+                                  h0, filename=storage.name))
         elif kind == _ZERO:
             _emit(out, Extent(guest, length, 0, True, True, False))
         elif kind == _BACKING:

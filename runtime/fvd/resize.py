@@ -62,7 +62,7 @@ def resize(img: FvdImage, new_size: int, shrink: bool = False) -> None:
             # the kept part of the last chunk: what lies past the new end must read as zeros
             # if the image grows again
             host = img.data_start + table[new // cs] * cs
-            os.pwrite(img._storage().fileno(), bytes(cs - new % cs), host + new % cs)
+            img._storage().write(bytes(cs - new % cs), host + new % cs)
         if entries < len(table):
             dropped = len(table) - entries
             os.pwrite(img._f.fileno(), fv.TableEntry.from_raw(EMPTY).build() * dropped,
@@ -72,9 +72,9 @@ def resize(img: FvdImage, new_size: int, shrink: bool = False) -> None:
             img.table = table + array(fv.TableEntry.WORD, [EMPTY]) * (entries - len(table))
     img._persist_metadata(zero_all=True)
     if img.table is None:
-        fd = img._storage().fileno()
-        os.ftruncate(fd, img.data_start + min(old, new))  # the grown part reads as zeros
-        os.ftruncate(fd, img.data_start + new)
+        storage = img._storage()
+        storage.truncate(img.data_start + min(old, new))  # the grown part reads as zeros
+        storage.truncate(img.data_start + new)
     h.len_virtual_disk = new
     img._write_header()
     os.fsync(img._f.fileno())
@@ -83,5 +83,5 @@ def resize(img: FvdImage, new_size: int, shrink: bool = False) -> None:
     if img.table is not None and not img.bad_entries and not img.shared_entries:
         # chunks dropped at the top would be handed out again: they must read as zeros
         end = img.data_start + img.used_chunks * img.chunk_size
-        if img._storage_len() > end:
-            os.ftruncate(img._storage().fileno(), end)
+        if img._storage().length() > end:
+            img._storage().truncate(end)

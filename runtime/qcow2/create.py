@@ -356,7 +356,7 @@ def header_cluster(o: Qcow2Options, layout: dict[str, int]) -> bytes:
         len_virtual_disk=o.size,
         crypt_method=crypt,
         num_l1_entries=o.l1_entries,
-        ofs_l1_table=layout["l1"] * cs,
+        ofs_l1_table=layout["l1"] * cs if layout["l1_clusters"] else 0,
         ofs_refcount_table=layout["reftable"] * cs,
         num_refcount_table_clusters=layout["reftable_clusters"],
         num_snapshots=0,
@@ -386,7 +386,7 @@ def _layout(o: Qcow2Options) -> dict[str, int]:
     """Header, refcount table, refcount blocks, L1, LUKS area, as qemu places them."""
     cs = o.cluster_size
     per_block = cs * 8 >> o.refcount_order
-    l1_clusters = max(1, -(-8 * o.l1_entries // cs))
+    l1_clusters = -(-8 * o.l1_entries // cs)  # none for an empty disk: qemu writes offset 0
     luks_clusters = o.luks_clusters
     tables, blocks = 1, 1
     while True:
