@@ -441,16 +441,12 @@ def _cmd_rebase(args: argparse.Namespace) -> int:
 
     new_name: str | None = args.b or None
     new_fmt = args.F or ("raw" if new_name else None)
-    from .qcow.image import QcowImage
-
     with _open(args, args.filename, "r+", backing=not args.u) as img:
         set_backing: Callable[[str | None, str | None], None] | None = getattr(
             img, "set_backing", None)
         if set_backing is None:
             raise CliError(f"Could not change the backing file to '{new_name or ''}': "
                            "Operation not supported")
-        if isinstance(img, QcowImage):
-            img.set_backing(new_name, new_fmt)  # refused before anything is copied
         if not args.u:
             new = None
             if new_name:

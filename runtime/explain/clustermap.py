@@ -18,6 +18,7 @@ from html import escape
 from pathlib import Path
 from typing import BinaryIO
 
+from ..fvd.consts import CHUNK_INDEX, EMPTY
 from ..generated import fvd as g_fvd
 from ..generated import qcow as q1
 from ..generated import qcow2 as q
@@ -33,7 +34,6 @@ from ..qcow2.masks import (
 )
 from ..qcow2.refcount import Refcounts
 from . import ExplainError, detect
-from .fvd import CHUNK_INDEX, EMPTY_ENTRY
 
 __all__ = ["ROLES", "ClusterMap", "cluster_map", "render_png", "render_svg"]
 
@@ -47,7 +47,8 @@ LABELS = {
     "data": "data", "compressed": "compressed data", "leaked": "leaked", "free": "free",
 }
 
-FVD_UNIT = 4096  # FVD regions start on 4 KiB boundaries and are 4 KiB multiples (fvd.md 3.1)
+# FVD regions start on these boundaries and are multiples of them (fvd.md 3.1)
+FVD_UNIT = int(g_fvd.LayoutUnit.REGION_ALIGN)
 
 
 @dataclass(slots=True)
@@ -196,7 +197,7 @@ def _fvd(f: BinaryIO, size: int) -> ClusterMap:
     guest: list[int] = []
     if table is not None:
         for e in table:
-            if e != EMPTY_ENTRY:
+            if e != EMPTY:
                 host = h.len_metadata + (e & CHUNK_INDEX) * h.chunk_size
                 roles.mark(_span(host, h.chunk_size, unit), "data")
                 guest.append(host // unit)

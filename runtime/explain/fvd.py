@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
+from ..fvd.consts import CHUNK_INDEX, EMPTY
 from ..generated import fvd
 from .qcow2 import ranges
 from .tree import Item, Read, Walker, human_size, show
 
-__all__ = ["CHUNK_INDEX", "EMPTY_ENTRY", "STRUCTURES", "explain_fvd", "translate_fvd"]
+__all__ = ["STRUCTURES", "explain_fvd", "translate_fvd"]
 
 STRUCTURES = ("header", "bitmap", "table", "journal")
 
-CHUNK_INDEX = fvd.TableEntry.CHUNK_INDEX_MASK
-EMPTY_ENTRY = fvd.TableEntry.CHUNK_INDEX_MASK | fvd.TableEntry.DIRTY_MASK  # an unallocated chunk
 SHOWN_SECTORS = 8
 
 
@@ -71,7 +70,7 @@ class _Fvd:
                                   f"{ranges(in_fvd)}")))
         table = self.image.read_table(self.f)
         if table is not None:
-            used = [i for i, e in enumerate(table) if e != EMPTY_ENTRY]
+            used = [i for i, e in enumerate(table) if e != EMPTY]
             item = Item("table", h.ofs_table, len(table) * fvd.TableEntry.SIZE, table,
                         "fvd.TableEntry list", "The lookup table of a compact image.",
                         spec_path="/instances/table", attr="diskspec.generated.fvd.Fvd.read_table",
@@ -128,7 +127,7 @@ class _Fvd:
             entry = table[chunk]
             child = self.walker.word("table_entry", entry, at, f"table[{chunk}]")
             item.children.append(child)
-            if entry == EMPTY_ENTRY:
+            if entry == EMPTY:
                 child.note = "EMPTY: the chunk is not allocated"
                 return item
             host = data + (entry & CHUNK_INDEX) * h.chunk_size + guest % h.chunk_size

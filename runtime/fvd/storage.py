@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from ..image import Extent, Image
+from .consts import SECTOR
 
 __all__ = ["FileStorage", "ImageStorage", "Storage"]
-
-SECTOR = 512
 
 
 class Storage:

@@ -308,9 +308,3 @@ class QcowWriter:
         self._zcache.clear()
         self._tables_at = None
         self._end = head.metadata_end
-
-    def set_backing(self, name: str | None, fmt: str | None) -> None:
-        """qemu cannot change the backing file of a qcow v1 image (no format can be stored
-        and the driver has no way to rewrite the name); nor can diskspec."""
-        raise UsageError(f"Could not change the backing file to '{name or ''}': "
-                         "Operation not supported")

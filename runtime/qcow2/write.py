@@ -28,6 +28,7 @@ from .bitmaps import DirtyBitmaps
 from .create import (
     FEATURE_TABLE_MIN_CLUSTER,
     V3_HEADER_LENGTH,
+    _bool,
     _extension,
     feature_name_table,
 )
@@ -739,7 +740,7 @@ class Qcow2Writer:
         if target < 3 and self.head.version >= 3:
             self._downgrade()
         if "lazy_refcounts" in options:
-            on = _on(options["lazy_refcounts"], "lazy_refcounts")
+            on = _bool(options["lazy_refcounts"], "lazy_refcounts")
             if on and self.head.version < 3:
                 raise UsageError("Lazy refcounts only supported with compatibility level 1.1 "
                                  "and above (use compat=1.1 or greater)")
@@ -810,12 +811,3 @@ class Qcow2Writer:
 
 def _text(name: bytes | None) -> str | None:
     return os.fsdecode(name) if name is not None else None
-
-
-def _on(value: str, name: str) -> bool:
-    text = str(value).lower()
-    if text in ("on", "true", "yes", "1"):
-        return True
-    if text in ("off", "false", "no", "0"):
-        return False
-    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
