@@ -28,7 +28,7 @@ __all__ = [
     "refcount_order_of",
 ]
 
-WORD = 8
+WORD = q.RefcountTableEntry.SIZE  # bytes of one refcount table entry
 
 
 def refcount_order_of(text: str) -> int:
